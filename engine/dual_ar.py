@@ -1,0 +1,253 @@
+"""The Dual-AR text-to-semantic transformer (spec §2): a slow transformer along time and a fast
+transformer along the codebook axis. Parameter names match the published state dicts.
+
+Numerics that fidelity depends on (spec §2.4): interleaved-pair RoPE whose cos/sin tables are
+rounded to bfloat16, RMSNorm computed in float32, the √(K+1) scale of semantic-position
+embeddings, and the pre- vs post-norm hidden state handed to the fast transformer.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import DualARConfig
+
+
+class RMSNorm(nn.Module):
+    """Normalise in float32, cast back, then scale (the order matters in bf16)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return y.type_as(x) * self.weight
+
+
+class HeadRMSNorm(nn.Module):
+    """Per-head q/k norm. Upstream uses the stock framework module; computing in fp32 is the safe
+    equivalent (spec §10.8)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        return y.type_as(x)
+
+
+def rope_table(seq_len: int, head_dim: int, base: float) -> Tensor:
+    """(seq_len, head_dim/2, 2) cos/sin table, rounded to bfloat16 as upstream does, kept as fp32."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    table = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
+    return table.to(torch.bfloat16).float()
+
+
+def apply_rope(x: Tensor, table: Tensor) -> Tensor:
+    """x: (B, T, H, D); table: (T, D/2, 2). Rotates interleaved pairs (2m, 2m+1) in fp32."""
+    xf = x.float().reshape(*x.shape[:-1], -1, 2)
+    t = table.view(1, xf.size(1), 1, xf.size(3), 2)
+    cos, sin = t[..., 0], t[..., 1]
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
+    return out.flatten(3).type_as(x)
+
+
+class KVCache:
+    """Per-layer key/value storage (B, G, capacity, D) that grows on demand.
+
+    Growing (rather than allocating max_seq_len up front) keeps one request's cache at the size it
+    needs, so many concurrent requests fit in memory.
+    """
+
+    def __init__(self, batch: int, heads: int, head_dim: int, capacity: int, dtype: torch.dtype,
+                 device: torch.device, max_capacity: int) -> None:
+        self.max_capacity = max_capacity
+        capacity = min(capacity, max_capacity)
+        self.k = torch.zeros(batch, heads, capacity, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def reserve(self, length: int) -> None:
+        cap = self.k.size(2)
+        if length <= cap:
+            return
+        if length > self.max_capacity:
+            raise ValueError(f"sequence of {length} positions exceeds the model context of {self.max_capacity}")
+        new_cap = min(max(length, 2 * cap), self.max_capacity)
+        grow = new_cap - cap
+        pad = self.k.new_zeros(*self.k.shape[:2], grow, self.k.size(3))
+        self.k = torch.cat([self.k, pad], dim=2)
+        self.v = torch.cat([self.v, pad.clone()], dim=2)
+
+    def write(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k/v (B, G, T, D) at [start, start+T) and return the valid prefix of the cache."""
+        end = start + k.size(2)
+        self.reserve(end)
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_head: int, n_local_heads: int, head_dim: int, norm_eps: float,
+                 qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
+        super().__init__()
+        self.n_head, self.n_local_heads, self.head_dim = n_head, n_local_heads, head_dim
+        self.wqkv = nn.Linear(dim, (n_head + 2 * n_local_heads) * head_dim, bias=qkv_bias)
+        self.wo = nn.Linear(n_head * head_dim, dim, bias=o_bias)
+        if qk_norm:
+            self.q_norm = HeadRMSNorm(head_dim, norm_eps)
+            self.k_norm = HeadRMSNorm(head_dim, norm_eps)
+        self.qk_norm = qk_norm
+
+    def forward(self, x: Tensor, rope: Tensor, cache: KVCache | None, start: int) -> Tensor:
+        b, t, _ = x.shape
+        q_size, kv_size = self.n_head * self.head_dim, self.n_local_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(b, t, self.n_head, self.head_dim)
+        k = k.view(b, t, self.n_local_heads, self.head_dim)
+        v = v.view(b, t, self.n_local_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+        if cache is not None:
+            k, v = cache.write(start, k, v)
+        # Queries at absolute positions start..start+t-1 see keys 0..their own position; a single
+        # query at the end of the cache sees everything, so it needs no mask.
+        mask = None
+        if t > 1:
+            q_pos = torch.arange(start, start + t, device=x.device)[:, None]
+            mask = q_pos >= torch.arange(k.size(2), device=x.device)[None, :]
+        if self.n_head != self.n_local_heads:
+            rep = self.n_head // self.n_local_heads
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.wo(y.transpose(1, 2).reshape(b, t, q_size))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, dim: int, n_head: int, n_local_heads: int, head_dim: int, hidden: int, norm_eps: float,
+                 qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
+        super().__init__()
+        self.attention = Attention(dim, n_head, n_local_heads, head_dim, norm_eps, qkv_bias, o_bias, qk_norm)
+        self.feed_forward = FeedForward(dim, hidden)
+        self.attention_norm = RMSNorm(dim, norm_eps)
+        self.ffn_norm = RMSNorm(dim, norm_eps)
+
+    def forward(self, x: Tensor, rope: Tensor, cache: KVCache | None, start: int) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, cache, start)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class DualARTransformer(nn.Module):
+    """Slow + fast transformers. Parameter names equal the published internal key names."""
+
+    def __init__(self, config: DualARConfig) -> None:
+        super().__init__()
+        c = config
+        self.config = c
+        self.embeddings = nn.Embedding(c.vocab_size, c.dim)
+        self.codebook_embeddings = nn.Embedding(c.codebook_size * c.num_codebooks, c.dim)
+        self.layers = nn.ModuleList(
+            TransformerBlock(c.dim, c.n_head, c.n_local_heads, c.head_dim, c.intermediate_size, c.norm_eps,
+                             c.attention_qkv_bias, c.attention_o_bias, c.attention_qk_norm)
+            for _ in range(c.n_layer)
+        )
+        self.norm = RMSNorm(c.dim, c.norm_eps)
+        if not c.tie_word_embeddings:
+            self.output = nn.Linear(c.dim, c.vocab_size, bias=False)
+        if c.fast_dim != c.dim:
+            self.fast_project_in = nn.Linear(c.dim, c.fast_dim)
+        self.fast_embeddings = nn.Embedding(c.codebook_size, c.fast_dim)
+        self.fast_layers = nn.ModuleList(
+            TransformerBlock(c.fast_dim, c.fast_n_head, c.fast_n_local_heads, c.fast_head_dim,
+                             c.fast_intermediate_size, c.norm_eps, c.fast_attention_qkv_bias,
+                             c.fast_attention_o_bias, c.fast_attention_qk_norm)
+            for _ in range(c.n_fast_layer)
+        )
+        self.fast_norm = RMSNorm(c.fast_dim, c.norm_eps)
+        self.fast_output = nn.Linear(c.fast_dim, c.codebook_size, bias=False)
+        self.init_buffers()
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """RoPE tables are derived, never stored (non-persistent buffers); rebuilt after a meta-device
+        construction. They stay float32 whatever the weight dtype (bf16-rounded values, fp32 math)."""
+        c = self.config
+        self.register_buffer("rope", rope_table(c.max_seq_len, c.head_dim, c.rope_base).to(device),
+                             persistent=False)
+        self.register_buffer("fast_rope", rope_table(c.num_codebooks, c.fast_head_dim, c.rope_base).to(device),
+                             persistent=False)
+
+    # --- embeddings and heads
+    def embed(self, inp: Tensor) -> Tensor:
+        """inp: (B, K+1, T) -> (B, T, dim), spec §2.4 'Embedding'."""
+        c = self.config
+        offsets = torch.arange(c.num_codebooks, device=inp.device).view(1, -1, 1) * c.codebook_size
+        vq = self.codebook_embeddings(inp[:, 1:] + offsets).sum(dim=1)  # (B, T, dim)
+        tokens = inp[:, 0]
+        semantic = (tokens >= c.semantic_begin_id) & (tokens <= c.semantic_end_id)
+        x = self.embeddings(tokens) + vq * semantic.unsqueeze(-1).to(vq.dtype)
+        if c.scale_codebook_embeddings:
+            x = torch.where(semantic.unsqueeze(-1), x / math.sqrt(c.num_codebooks + 1), x)
+        return x
+
+    def head_weight(self) -> Tensor:
+        return self.embeddings.weight if self.config.tie_word_embeddings else self.output.weight
+
+    def to_fast_input(self, hidden: Tensor, normed: Tensor) -> Tensor:
+        x = normed if self.config.norm_fastlayer_input else hidden
+        return self.fast_project_in(x) if hasattr(self, "fast_project_in") else x
+
+    # --- forward passes
+    def forward_slow(self, inp: Tensor, caches: list[KVCache] | None, start: int) -> tuple[Tensor, Tensor]:
+        """Run the slow transformer over positions [start, start+T) and return, for the LAST
+        position only, (pre-norm hidden, post-norm hidden), each (B, 1, dim)."""
+        x = self.embed(inp)
+        rope = self.rope[start:start + x.size(1)]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, caches[i] if caches is not None else None, start)
+        x = x[:, -1:]
+        return x, self.norm(x)
+
+    def forward_fast(self, x: Tensor, caches: list[KVCache], pos: int) -> Tensor:
+        """One fast step at codebook position `pos` for input (B, 1, fast_dim); returns the
+        normalised hidden (B, 1, fast_dim) for the caller's (possibly row-restricted) head."""
+        rope = self.fast_rope[pos:pos + 1]
+        for layer, cache in zip(self.fast_layers, caches):
+            x = layer(x, rope, cache, pos)
+        return self.fast_norm(x)
+
+    def new_slow_caches(self, batch: int, capacity: int) -> list[KVCache]:
+        c, p = self.config, self.embeddings.weight
+        return [KVCache(batch, c.n_local_heads, c.head_dim, capacity, p.dtype, p.device, c.max_seq_len)
+                for _ in range(c.n_layer)]
+
+    def new_fast_caches(self, batch: int) -> list[KVCache]:
+        c, p = self.config, self.embeddings.weight
+        return [KVCache(batch, c.fast_n_local_heads, c.fast_head_dim, c.num_codebooks, p.dtype, p.device,
+                        c.num_codebooks) for _ in range(c.n_fast_layer)]

@@ -1,0 +1,169 @@
+"""Frame-by-frame Dual-AR generation with KV caches (spec §2.5, §4).
+
+`FrameGenerator` owns one request's caches and produces one code frame per `step()`, so a
+scheduler can interleave many requests on one model. The slow head is restricted to the
+semantic tokens plus <|im_end|> and the fast head to the codec's residual codebook size: both
+are exact shortcuts for upstream's -inf bias and 1024-entry restriction, and they skip most of
+the head's memory traffic.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from .dual_ar import DualARTransformer
+from .sampling import (RAS_TEMPERATURE, RAS_TOP_P, RAS_WINDOW, REPETITION_WINDOW, apply_repetition_penalty,
+                       draw, filtered_probs)
+from .tts_types import SamplingOptions
+
+
+@dataclasses.dataclass
+class FirstStepDump:
+    """Debug tensors for localising a mismatch against upstream."""
+
+    slow_logits: Tensor | None = None  # full vocabulary, before the constraint bias
+    fast_logits: Tensor | None = None  # codebook 1, full codebook_size, given the chosen c0
+
+
+class DualARRunner:
+    """A loaded model plus the derived, restricted heads used for generation."""
+
+    def __init__(self, model: DualARTransformer, im_end_id: int, fast_vocab: int | None = None) -> None:
+        c = model.config
+        self.model = model
+        self.config = c
+        self.im_end_id = im_end_id
+        # Candidate order mirrors the full vocabulary (<|im_end|> sorts before the semantic range in
+        # both published tokenizers), so argmax ties break the same way.
+        ids = [im_end_id] + list(range(c.semantic_begin_id, c.semantic_end_id + 1))
+        self.slow_candidates = torch.tensor(ids, device=model.embeddings.weight.device)
+        with torch.no_grad():
+            self.slow_head = model.head_weight()[self.slow_candidates].contiguous()
+        self.fast_vocab = min(fast_vocab or c.codebook_size, c.codebook_size)
+        self.fast_head = model.fast_output.weight[: self.fast_vocab]
+
+    @property
+    def device(self) -> torch.device:
+        return self.slow_head.device
+
+    def start(self, prompt: Tensor, sampling: SamplingOptions, max_new_tokens: int = 0,
+              dump: FirstStepDump | None = None) -> FrameGenerator:
+        return FrameGenerator(self, prompt, sampling, max_new_tokens, dump)
+
+
+class FrameGenerator:
+    """Generates code frames for one prompt. `step()` returns the next frame's codes (K,) or None
+    once the model emitted <|im_end|> or the token budget / context is exhausted."""
+
+    def __init__(self, runner: DualARRunner, prompt: Tensor, sampling: SamplingOptions, max_new_tokens: int,
+                 dump: FirstStepDump | None) -> None:
+        c = runner.config
+        if prompt.dim() != 2 or prompt.size(0) != c.num_codebooks + 1:
+            raise ValueError(f"prompt must be ({c.num_codebooks + 1}, T), got {tuple(prompt.shape)}")
+        self.runner = runner
+        self.prompt = prompt.to(runner.device, torch.long)
+        self.prompt_len = prompt.size(1)
+        room = c.max_seq_len - self.prompt_len
+        if room <= 0:
+            raise ValueError(f"prompt of {self.prompt_len} positions leaves no room in the context of {c.max_seq_len}")
+        self.max_new_tokens = min(max_new_tokens, room) if max_new_tokens > 0 else room
+        self.sampling = sampling
+        self.dump = dump
+        self.generator: torch.Generator | None = None
+        if sampling.seed is not None:
+            self.generator = torch.Generator(device=runner.device)
+            self.generator.manual_seed(abs(int(sampling.seed)) % (2**31))
+        model = runner.model
+        self.slow_caches = model.new_slow_caches(1, self.prompt_len + min(self.max_new_tokens, 512))
+        self.fast_caches = model.new_fast_caches(1)
+        self.position = 0  # next slow position to fill
+        self.emitted = 0
+        self.finished = False
+        self.stop_reason: str | None = None
+        # Recent slow tokens (RAS) and codes (repetition penalty), newest last.
+        self.recent = torch.zeros(c.num_codebooks + 1, 0, dtype=torch.long, device=runner.device)
+        self.next_input = self.prompt.unsqueeze(0)
+
+    @torch.inference_mode()
+    def step(self) -> Tensor | None:
+        if self.finished:
+            return None
+        if self.emitted >= self.max_new_tokens:
+            return self._finish("length")
+        model, r = self.runner.model, self.runner
+        hidden, normed = model.forward_slow(self.next_input, self.slow_caches, self.position)
+        self.position += self.next_input.size(-1)
+
+        slow_logits = (normed[0, -1] @ r.slow_head.T).float()
+        if self.dump is not None and self.dump.slow_logits is None:
+            self.dump.slow_logits = (normed[0, -1] @ model.head_weight().T).float().cpu()
+        choice = self._sample_slow(slow_logits)
+        token = int(r.slow_candidates[choice])
+        if token == r.im_end_id:
+            return self._finish("end")
+        codes = self._fast_codes(hidden, normed, token)
+        frame = torch.cat([torch.tensor([token], device=r.device), codes])
+        self.recent = torch.cat([self.recent, frame[:, None]], dim=1)[:, -REPETITION_WINDOW:]
+        self.next_input = frame.view(1, -1, 1)
+        self.emitted += 1
+        return codes
+
+    def _finish(self, reason: str) -> None:
+        self.finished, self.stop_reason = True, reason
+        self.slow_caches = self.fast_caches = []  # free memory as soon as possible
+        return None
+
+    def _sample_slow(self, logits: Tensor) -> int:
+        s, r = self.sampling, self.runner
+        if s.greedy:
+            return int(torch.argmax(logits))
+        previous = self.recent[0]
+        if s.repetition_penalty != 1.0 and previous.numel():
+            # Map previous token ids to candidate indices (all of them are semantic tokens).
+            idx = previous - r.config.semantic_begin_id + 1
+            logits = apply_repetition_penalty(logits, idx, s.repetition_penalty)
+        normal = int(draw(filtered_probs(logits, s.temperature, s.top_p, s.top_k), self.generator))
+        # RAS: a semantic token repeated within the window is replaced by a high-temperature draw.
+        high = int(draw(filtered_probs(logits, RAS_TEMPERATURE, RAS_TOP_P, s.top_k), self.generator))
+        token = int(r.slow_candidates[normal])
+        window = previous[-RAS_WINDOW:]
+        if token != r.im_end_id and bool((window == token).any()):
+            return high
+        return normal
+
+    def _fast_codes(self, hidden: Tensor, normed: Tensor, token: int) -> Tensor:
+        model, r, c, s = self.runner.model, self.runner, self.runner.config, self.sampling
+        x = model.to_fast_input(hidden, normed)
+        model.forward_fast(x, self.fast_caches, 0)  # position 0 only fills the caches
+        c0 = min(max(token - c.semantic_begin_id, 0), c.codebook_size - 1)
+        codes = [c0]
+        prev = torch.tensor([c0], device=r.device)
+        for k in range(1, c.num_codebooks):
+            out = model.forward_fast(model.fast_embeddings(prev).view(1, 1, -1), self.fast_caches, k)
+            if k == 1 and self.dump is not None and self.dump.fast_logits is None:
+                self.dump.fast_logits = (out[0, -1] @ model.fast_output.weight.T).float().cpu()
+            logits = (out[0, -1] @ r.fast_head.T).float()
+            if s.greedy:
+                code = int(torch.argmax(logits))
+            else:
+                if s.repetition_penalty != 1.0 and self.recent.size(1):
+                    logits = apply_repetition_penalty(logits, self.recent[k + 1].clamp(max=r.fast_vocab - 1),
+                                                      s.repetition_penalty)
+                code = int(draw(filtered_probs(logits, s.temperature, s.top_p, s.top_k), self.generator))
+            codes.append(code)
+            prev = torch.tensor([code], device=r.device)
+        return torch.tensor(codes, device=r.device)
+
+
+def generate_codes(runner: DualARRunner, prompt: Tensor, sampling: SamplingOptions, max_new_tokens: int = 0,
+                   dump: FirstStepDump | None = None) -> Tensor:
+    """Whole-prompt convenience: codes (K, frames) of the semantic frames, end frame excluded."""
+    gen = runner.start(prompt, sampling, max_new_tokens, dump)
+    frames = []
+    while (codes := gen.step()) is not None:
+        frames.append(codes)
+    if not frames:
+        return torch.zeros(runner.config.num_codebooks, 0, dtype=torch.long)
+    return torch.stack(frames, dim=1).cpu()
