@@ -1,0 +1,94 @@
+"""Dual-AR generation speed for a full-size config with random weights (values do not matter
+for speed). Prints prefill time, frames/s, time to the first frame, and peak memory.
+
+    .venv/bin/python bench/bench_generate.py --family s1-mini --dtype float32 --frames 32
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import torch
+
+from engine.config import parse_config
+from engine.dual_ar import DualARTransformer
+from engine.generate import DualARRunner
+from engine.llm_loader import init_random_weights
+from engine.presets import PUBLISHED_IDS, S1_MINI_CONFIG, S2_PRO_CONFIG
+from engine.tts_types import SamplingOptions
+
+
+def build(family: str, device: str, dtype: torch.dtype) -> DualARRunner:
+    ids = PUBLISHED_IDS[family]
+    raw = S1_MINI_CONFIG if family == "s1-mini" else S2_PRO_CONFIG
+    config = parse_config(raw).with_semantic_ids(ids["semantic_begin_id"], ids["semantic_end_id"])
+    with torch.device("meta"):
+        model = DualARTransformer(config)
+    model = model.to_empty(device="cpu")
+    init_random_weights(model, seed=0)
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model.init_buffers(device)
+    return DualARRunner(model, ids["im_end_id"], fast_vocab=1024)
+
+
+def realistic_prompt(runner: DualARRunner, text_positions: int, ref_frames: int) -> torch.Tensor:
+    c = runner.config
+    g = torch.Generator().manual_seed(0)
+    k = c.num_codebooks
+    t = text_positions + ref_frames
+    p = torch.zeros(k + 1, t, dtype=torch.long)
+    p[0, :text_positions] = torch.randint(0, 150000, (text_positions,), generator=g)
+    codes = torch.randint(0, 1024, (k, ref_frames), generator=g)
+    p[1:, text_positions:] = codes
+    p[0, text_positions:] = c.semantic_begin_id + codes[0]
+    return p
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--family", default="s1-mini", choices=["s1-mini", "s2-pro"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--frames", type=int, default=32)
+    ap.add_argument("--text-positions", type=int, default=45)
+    ap.add_argument("--ref-frames", type=int, default=215)
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+    t0 = time.perf_counter()
+    runner = build(args.family, args.device, dtype)
+    print(f"model: {args.family} {dtype} on {args.device}, threads={torch.get_num_threads()}, "
+          f"built in {time.perf_counter() - t0:.1f} s")
+    prompt = realistic_prompt(runner, args.text_positions, args.ref_frames)
+    sampling = SamplingOptions(temperature=0.7, top_p=0.7, seed=0)
+
+    def sync() -> None:
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+
+    # warm-up (allocator, kernels)
+    warm = runner.start(prompt[:, :32], sampling, 3)
+    while warm.step() is not None:
+        pass
+    sync()
+    gen = runner.start(prompt, sampling, args.frames + 1)
+    t0 = time.perf_counter()
+    gen.step()  # prefill + first frame
+    sync()
+    t_first = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    n = 0
+    while gen.step() is not None:
+        n += 1
+    sync()
+    dt = time.perf_counter() - t1
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"prompt positions: {prompt.size(1)} ({args.text_positions} text + {args.ref_frames} reference frames)")
+    print(f"prefill + first frame: {t_first:.3f} s")
+    print(f"decode: {n} frames in {dt:.2f} s = {n / dt:.2f} frames/s (real-time factor {21.53 / (n / dt):.2f})")
+    print(f"peak RSS: {peak:.0f} MiB" + (f", peak CUDA: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
+                                          if args.device == "cuda" else ""))
+
+
+if __name__ == "__main__":
+    main()
