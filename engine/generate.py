@@ -27,10 +27,47 @@ class FirstStepDump:
     fast_logits: Tensor | None = None  # codebook 1, full codebook_size, given the chosen c0
 
 
+class PrefixCache:
+    """KV caches of recent prompts, reused for the longest common prefix of a new prompt.
+
+    Requests in one voice share their whole reference section (and, in a conversation, earlier
+    turns), so a new sentence only prefills its own text. Generic on purpose: it compares prompt
+    ids, so it needs no knowledge of the prompt format.
+    """
+
+    def __init__(self, max_entries: int = 8, min_reuse: int = 16) -> None:
+        self.max_entries = max_entries
+        self.min_reuse = min_reuse
+        self._entries: list[tuple[Tensor, list[tuple[Tensor, Tensor]]]] = []  # newest last
+        self.hits = 0
+
+    def longest(self, prompt: Tensor) -> tuple[int, list[tuple[Tensor, Tensor]] | None]:
+        best, best_kv = 0, None
+        for ids, kv in self._entries:
+            n = min(ids.size(1), prompt.size(1))
+            same = (ids[:, :n] == prompt[:, :n]).all(dim=0)
+            lcp = n if bool(same.all()) else int(torch.argmin(same.to(torch.int8)))
+            if lcp > best:
+                best, best_kv = lcp, kv
+        if best < self.min_reuse:
+            return 0, None
+        self.hits += 1
+        return best, best_kv
+
+    def store(self, prompt: Tensor, caches: list) -> None:
+        t = prompt.size(1)
+        kv = [(c.k[:, :, :t].clone(), c.v[:, :, :t].clone()) for c in caches]
+        self._entries = [e for e in self._entries if not torch.equal(e[0], prompt)] + [(prompt.clone(), kv)]
+        excess = len(self._entries) - self.max_entries
+        if excess > 0:
+            del self._entries[:excess]
+
+
 class DualARRunner:
     """A loaded model plus the derived, restricted heads used for generation."""
 
-    def __init__(self, model: DualARTransformer, im_end_id: int, fast_vocab: int | None = None) -> None:
+    def __init__(self, model: DualARTransformer, im_end_id: int, fast_vocab: int | None = None,
+                 prefix_cache: PrefixCache | None = None) -> None:
         c = model.config
         self.model = model
         self.config = c
@@ -43,6 +80,7 @@ class DualARRunner:
             self.slow_head = model.head_weight()[self.slow_candidates].contiguous()
         self.fast_vocab = min(fast_vocab or c.codebook_size, c.codebook_size)
         self.fast_head = model.fast_output.weight[: self.fast_vocab]
+        self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixCache()
 
     @property
     def device(self) -> torch.device:
@@ -93,8 +131,13 @@ class FrameGenerator:
         if self.emitted >= self.max_new_tokens:
             return self._finish("length")
         model, r = self.runner.model, self.runner
+        prefill = self.position == 0
+        if prefill:
+            self._reuse_prefix()
         hidden, normed = model.forward_slow(self.next_input, self.slow_caches, self.position)
         self.position += self.next_input.size(-1)
+        if prefill and r.prefix_cache.max_entries:
+            r.prefix_cache.store(self.prompt, self.slow_caches)
 
         slow_logits = (normed[0, -1] @ r.slow_head.T).float()
         if self.dump is not None and self.dump.slow_logits is None:
@@ -109,6 +152,17 @@ class FrameGenerator:
         self.next_input = frame.view(1, -1, 1)
         self.emitted += 1
         return codes
+
+    def _reuse_prefix(self) -> None:
+        """Copy cached keys/values of the longest known prompt prefix; prefill only the rest."""
+        reuse, kv = self.runner.prefix_cache.longest(self.prompt)
+        reuse = min(reuse, self.prompt_len - 1)  # the last position must run to give logits
+        if kv is None or reuse <= 0:
+            return
+        for cache, (k, v) in zip(self.slow_caches, kv):
+            cache.write(0, k[:, :, :reuse], v[:, :, :reuse])
+        self.position = reuse
+        self.next_input = self.prompt[:, reuse:].unsqueeze(0)
 
     def _finish(self, reason: str) -> None:
         self.finished, self.stop_reason = True, reason

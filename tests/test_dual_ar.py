@@ -265,3 +265,21 @@ def test_load_in_bfloat16(tmp_path):
     assert loaded.embeddings.weight.dtype == torch.bfloat16
     codes = generate_codes(DualARRunner(loaded, 299), _prompt(), SamplingOptions(greedy=True), 4)
     assert codes.shape == (4, 4)
+
+
+def test_prefix_cache_reuse_matches_a_full_prefill():
+    from engine.generate import PrefixCache
+
+    model = _small_model()
+    base = _prompt(40, seed=3)
+    variant = base.clone()
+    variant[0, 30:] = torch.randint(0, 300, (10,), generator=torch.Generator().manual_seed(9))
+    cold = DualARRunner(model, im_end_id=299, prefix_cache=PrefixCache(max_entries=0))
+    warm = DualARRunner(model, im_end_id=299, prefix_cache=PrefixCache(max_entries=4))
+    generate_codes(warm, base, SamplingOptions(greedy=True), 2)  # fills the cache
+    d_cold, d_warm = FirstStepDump(), FirstStepDump()
+    a = generate_codes(cold, variant, SamplingOptions(greedy=True), 8, d_cold)
+    b = generate_codes(warm, variant, SamplingOptions(greedy=True), 8, d_warm)
+    assert warm.prefix_cache.hits == 1 and cold.prefix_cache.hits == 0
+    assert torch.allclose(d_cold.slow_logits, d_warm.slow_logits, atol=1e-4)
+    assert torch.equal(a, b)
