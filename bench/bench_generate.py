@@ -33,15 +33,18 @@ def build(family: str, device: str, dtype: torch.dtype) -> DualARRunner:
 
 
 def realistic_prompt(runner: DualARRunner, text_positions: int, ref_frames: int) -> torch.Tensor:
+    """Reference transcript, reference frames, then the target text (the S1-mini layout)."""
     c = runner.config
     g = torch.Generator().manual_seed(0)
     k = c.num_codebooks
+    ref_text = text_positions // 2
     t = text_positions + ref_frames
     p = torch.zeros(k + 1, t, dtype=torch.long)
-    p[0, :text_positions] = torch.randint(0, 150000, (text_positions,), generator=g)
+    p[0] = torch.randint(0, 150000, (t,), generator=g)
     codes = torch.randint(0, 1024, (k, ref_frames), generator=g)
-    p[1:, text_positions:] = codes
-    p[0, text_positions:] = c.semantic_begin_id + codes[0]
+    frames = slice(ref_text, ref_text + ref_frames)
+    p[1:, frames] = codes
+    p[0, frames] = c.semantic_begin_id + codes[0]
     return p
 
 
@@ -82,9 +85,19 @@ def main() -> None:
         n += 1
     sync()
     dt = time.perf_counter() - t1
+    # A second sentence in the same voice: the prompt shares the reference section, so the prefix
+    # KV cache leaves only the new text to prefill (the agent-mode case).
+    follow = prompt.clone()
+    follow[0, -20:] = torch.randint(0, 150000, (20,), generator=torch.Generator().manual_seed(1))
+    gen2 = runner.start(follow, sampling, 2)
+    t2 = time.perf_counter()
+    gen2.step()
+    sync()
+    t_follow = time.perf_counter() - t2
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"prompt positions: {prompt.size(1)} ({args.text_positions} text + {args.ref_frames} reference frames)")
     print(f"prefill + first frame: {t_first:.3f} s")
+    print(f"same voice, new text (prefix cache): first frame after {t_follow:.3f} s")
     print(f"decode: {n} frames in {dt:.2f} s = {n / dt:.2f} frames/s (real-time factor {21.53 / (n / dt):.2f})")
     print(f"peak RSS: {peak:.0f} MiB" + (f", peak CUDA: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
                                           if args.device == "cuda" else ""))
