@@ -1,0 +1,67 @@
+"""The one interface both agent LLM backends implement: chat messages in, streamed text out."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Protocol, runtime_checkable
+
+Message = Mapping[str, str]  # {"role": "system"|"user"|"assistant", "content": str}
+ROLES = ("system", "user", "assistant")
+
+
+class LLMError(RuntimeError):
+    """The agent LLM failed: unreachable, timed out, refused the request or broke mid-stream."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatOptions:
+    """How replies are generated. Voice replies should be short, so the defaults are too."""
+
+    max_tokens: int = 200
+    temperature: float = 0.7
+    history_window: int = 20  # most recent history messages sent along (the system prompt always is)
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError("temperature must be in [0, 2]")
+        if self.history_window < 1:
+            raise ValueError("history_window must be >= 1")
+
+
+@runtime_checkable
+class ChatLLM(Protocol):
+    """Streams the assistant's reply to `messages` as text deltas.
+
+    Closing the iterator (aclose, or cancelling the task iterating it) stops generation promptly.
+    Failures raise `LLMError` with a message fit for a user.
+    """
+
+    name: str
+
+    def stream_chat(self, messages: Sequence[Message], *, max_tokens: int = 200,
+                    temperature: float = 0.7) -> AsyncIterator[str]: ...
+
+    async def aclose(self) -> None: ...
+
+
+def validate_messages(messages: Sequence[Message], *, allow_empty: bool = False) -> list[dict[str, str]]:
+    """Plain {"role", "content"} dicts, or a clear error for anything else."""
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise ValueError(f"message {i} must be a mapping with 'role' and 'content', got {type(m).__name__}")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES or not isinstance(content, str):
+            raise ValueError(f"message {i} must be {{'role': one of {ROLES}, 'content': str}}, got {dict(m)!r}")
+        out.append({"role": role, "content": content})
+    if not out and not allow_empty:
+        raise ValueError("no messages to answer")
+    return out
+
+
+def build_messages(instructions: str, history: Sequence[Message], window: int = 20) -> list[dict[str, str]]:
+    """System prompt + the most recent `window` history messages."""
+    msgs = [{"role": "system", "content": instructions}] if instructions.strip() else []
+    return msgs + validate_messages(list(history)[-window:])
