@@ -54,9 +54,11 @@ def rope_table(seq_len: int, head_dim: int, base: float) -> Tensor:
 
 
 def apply_rope(x: Tensor, table: Tensor) -> Tensor:
-    """x: (B, T, H, D); table: (T, D/2, 2). Rotates interleaved pairs (2m, 2m+1) in fp32."""
+    """x: (B, T, H, D); table: (T, D/2, 2), or (B, T, D/2, 2) when each row has its own positions.
+    Rotates interleaved pairs (2m, 2m+1) in fp32."""
     xf = x.float().reshape(*x.shape[:-1], -1, 2)
-    t = table.view(1, xf.size(1), 1, xf.size(3), 2)
+    rows = table.size(0) if table.dim() == 4 else 1
+    t = table.view(rows, xf.size(1), 1, xf.size(3), 2)
     cos, sin = t[..., 0], t[..., 1]
     x0, x1 = xf[..., 0], xf[..., 1]
     out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
@@ -110,7 +112,8 @@ class Attention(nn.Module):
             self.k_norm = HeadRMSNorm(head_dim, norm_eps)
         self.qk_norm = qk_norm
 
-    def forward(self, x: Tensor, rope: Tensor, cache: KVCache | None, start: int) -> Tensor:
+    def _project(self, x: Tensor, rope: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v as (B, heads, T, D), normed and rotated."""
         b, t, _ = x.shape
         q_size, kv_size = self.n_head * self.head_dim, self.n_local_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -120,7 +123,31 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
-        q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        if self.n_head != self.n_local_heads:
+            rep = self.n_head // self.n_local_heads
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    def forward_rows(self, x: Tensor, rope: Tensor, caches: list[KVCache], starts: list[int]) -> Tensor:
+        """One new position per row, each row with its own cache and position: the projections
+        run batched (one read of the weights), only the attention itself runs per row."""
+        b = x.size(0)
+        q, k, v = self._project(x, rope)
+        ys = []
+        for i in range(b):
+            ki, vi = caches[i].write(starts[i], k[i:i + 1], v[i:i + 1])
+            ys.append(self._attend(q[i:i + 1], ki, vi, None))
+        y = torch.cat(ys, dim=0)
+        return self.wo(y.transpose(1, 2).reshape(b, 1, self.n_head * self.head_dim))
+
+    def forward(self, x: Tensor, rope: Tensor, cache: KVCache | None, start: int) -> Tensor:
+        b, t, _ = x.shape
+        q_size = self.n_head * self.head_dim
+        q, k, v = self._project(x, rope)
         if cache is not None:
             k, v = cache.write(start, k, v)
         # Queries at absolute positions start..start+t-1 see keys 0..their own position; a single
@@ -129,11 +156,7 @@ class Attention(nn.Module):
         if t > 1:
             q_pos = torch.arange(start, start + t, device=x.device)[:, None]
             mask = q_pos >= torch.arange(k.size(2), device=x.device)[None, :]
-        if self.n_head != self.n_local_heads:
-            rep = self.n_head // self.n_local_heads
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = self._attend(q, k, v, mask)
         return self.wo(y.transpose(1, 2).reshape(b, t, q_size))
 
 
@@ -161,6 +184,10 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: Tensor, rope: Tensor, cache: KVCache | None, start: int) -> Tensor:
         h = x + self.attention(self.attention_norm(x), rope, cache, start)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def forward_rows(self, x: Tensor, rope: Tensor, caches: list[KVCache], starts: list[int]) -> Tensor:
+        h = x + self.attention.forward_rows(self.attention_norm(x), rope, caches, starts)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -232,6 +259,15 @@ class DualARTransformer(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, caches[i] if caches is not None else None, start)
         x = x[:, -1:]
+        return x, self.norm(x)
+
+    def forward_slow_rows(self, inp: Tensor, caches: list[list[KVCache]], starts: list[int]) -> tuple[Tensor, Tensor]:
+        """Decode one position for each of B independent sequences. inp: (B, K+1, 1);
+        caches[b] is sequence b's per-layer cache list; starts[b] its position."""
+        x = self.embed(inp)
+        rope = self.rope[torch.tensor(starts, device=x.device)].unsqueeze(1)  # (B, 1, D/2, 2)
+        for i, layer in enumerate(self.layers):
+            x = layer.forward_rows(x, rope, [c[i] for c in caches], starts)
         return x, self.norm(x)
 
     def forward_fast(self, x: Tensor, caches: list[KVCache], pos: int) -> Tensor:

@@ -90,10 +90,17 @@ class DualARRunner:
               dump: FirstStepDump | None = None) -> FrameGenerator:
         return FrameGenerator(self, prompt, sampling, max_new_tokens, dump)
 
+    @torch.inference_mode()
+    def step_many(self, gens: list[FrameGenerator]) -> list[Tensor | None]:
+        """Advance each generator by one frame; decoding sequences share one batched pass, so the
+        weights are read once for all of them. Returns each one's codes (K,) or None if done."""
+        return _step_many(self, gens)
+
 
 class FrameGenerator:
     """Generates code frames for one prompt. `step()` returns the next frame's codes (K,) or None
-    once the model emitted <|im_end|> or the token budget / context is exhausted."""
+    once the model emitted <|im_end|> or the token budget / context is exhausted. Several
+    generators of one runner can also advance together with `DualARRunner.step_many`."""
 
     def __init__(self, runner: DualARRunner, prompt: Tensor, sampling: SamplingOptions, max_new_tokens: int,
                  dump: FirstStepDump | None) -> None:
@@ -113,47 +120,23 @@ class FrameGenerator:
         if sampling.seed is not None:
             self.generator = torch.Generator(device=runner.device)
             self.generator.manual_seed(abs(int(sampling.seed)) % (2**31))
-        model = runner.model
-        self.slow_caches = model.new_slow_caches(1, self.prompt_len + min(self.max_new_tokens, 512))
-        self.fast_caches = model.new_fast_caches(1)
+        self.slow_caches = runner.model.new_slow_caches(1, self.prompt_len + min(self.max_new_tokens, 512))
         self.position = 0  # next slow position to fill
         self.emitted = 0
         self.finished = False
         self.stop_reason: str | None = None
-        # Recent slow tokens (RAS) and codes (repetition penalty), newest last.
+        # Recent frames [token, c0..c_{K-1}] for RAS and the repetition penalty, newest last.
         self.recent = torch.zeros(c.num_codebooks + 1, 0, dtype=torch.long, device=runner.device)
         self.next_input = self.prompt.unsqueeze(0)
 
-    @torch.inference_mode()
+    @property
+    def prefilled(self) -> bool:
+        return self.position > 0
+
     def step(self) -> Tensor | None:
-        if self.finished:
-            return None
-        if self.emitted >= self.max_new_tokens:
-            return self._finish("length")
-        model, r = self.runner.model, self.runner
-        prefill = self.position == 0
-        if prefill:
-            self._reuse_prefix()
-        hidden, normed = model.forward_slow(self.next_input, self.slow_caches, self.position)
-        self.position += self.next_input.size(-1)
-        if prefill and r.prefix_cache.max_entries:
-            r.prefix_cache.store(self.prompt, self.slow_caches)
+        return self.runner.step_many([self])[0]
 
-        slow_logits = (normed[0, -1] @ r.slow_head.T).float()
-        if self.dump is not None and self.dump.slow_logits is None:
-            self.dump.slow_logits = (normed[0, -1] @ model.head_weight().T).float().cpu()
-        choice = self._sample_slow(slow_logits)
-        token = int(r.slow_candidates[choice])
-        if token == r.im_end_id:
-            return self._finish("end")
-        codes = self._fast_codes(hidden, normed, token)
-        frame = torch.cat([torch.tensor([token], device=r.device), codes])
-        self.recent = torch.cat([self.recent, frame[:, None]], dim=1)[:, -REPETITION_WINDOW:]
-        self.next_input = frame.view(1, -1, 1)
-        self.emitted += 1
-        return codes
-
-    def _reuse_prefix(self) -> None:
+    def reuse_prefix(self) -> None:
         """Copy cached keys/values of the longest known prompt prefix; prefill only the rest."""
         reuse, kv = self.runner.prefix_cache.longest(self.prompt)
         reuse = min(reuse, self.prompt_len - 1)  # the last position must run to give logits
@@ -164,51 +147,117 @@ class FrameGenerator:
         self.position = reuse
         self.next_input = self.prompt[:, reuse:].unsqueeze(0)
 
-    def _finish(self, reason: str) -> None:
+    def finish(self, reason: str) -> None:
         self.finished, self.stop_reason = True, reason
-        self.slow_caches = self.fast_caches = []  # free memory as soon as possible
-        return None
+        self.slow_caches = []  # free memory as soon as possible
 
-    def _sample_slow(self, logits: Tensor) -> int:
+    def sample_slow(self, logits: Tensor) -> int:
+        """Index into the runner's slow candidates."""
         s, r = self.sampling, self.runner
         if s.greedy:
             return int(torch.argmax(logits))
         previous = self.recent[0]
         if s.repetition_penalty != 1.0 and previous.numel():
-            # Map previous token ids to candidate indices (all of them are semantic tokens).
+            # Previous tokens are all semantic: map ids to candidate indices (0 is <|im_end|>).
             idx = previous - r.config.semantic_begin_id + 1
             logits = apply_repetition_penalty(logits, idx, s.repetition_penalty)
         normal = int(draw(filtered_probs(logits, s.temperature, s.top_p, s.top_k), self.generator))
         # RAS: a semantic token repeated within the window is replaced by a high-temperature draw.
         high = int(draw(filtered_probs(logits, RAS_TEMPERATURE, RAS_TOP_P, s.top_k), self.generator))
         token = int(r.slow_candidates[normal])
-        window = previous[-RAS_WINDOW:]
-        if token != r.im_end_id and bool((window == token).any()):
+        if token != r.im_end_id and bool((previous[-RAS_WINDOW:] == token).any()):
             return high
         return normal
 
-    def _fast_codes(self, hidden: Tensor, normed: Tensor, token: int) -> Tensor:
-        model, r, c, s = self.runner.model, self.runner, self.runner.config, self.sampling
-        x = model.to_fast_input(hidden, normed)
-        model.forward_fast(x, self.fast_caches, 0)  # position 0 only fills the caches
-        c0 = min(max(token - c.semantic_begin_id, 0), c.codebook_size - 1)
-        codes = [c0]
-        prev = torch.tensor([c0], device=r.device)
-        for k in range(1, c.num_codebooks):
-            out = model.forward_fast(model.fast_embeddings(prev).view(1, 1, -1), self.fast_caches, k)
-            if k == 1 and self.dump is not None and self.dump.fast_logits is None:
-                self.dump.fast_logits = (out[0, -1] @ model.fast_output.weight.T).float().cpu()
-            logits = (out[0, -1] @ r.fast_head.T).float()
-            if s.greedy:
-                code = int(torch.argmax(logits))
-            else:
-                if s.repetition_penalty != 1.0 and self.recent.size(1):
-                    logits = apply_repetition_penalty(logits, self.recent[k + 1].clamp(max=r.fast_vocab - 1),
-                                                      s.repetition_penalty)
-                code = int(draw(filtered_probs(logits, s.temperature, s.top_p, s.top_k), self.generator))
-            codes.append(code)
-            prev = torch.tensor([code], device=r.device)
-        return torch.tensor(codes, device=r.device)
+    def sample_fast(self, logits: Tensor, codebook: int) -> int:
+        s = self.sampling
+        if s.greedy:
+            return int(torch.argmax(logits))
+        if s.repetition_penalty != 1.0 and self.recent.size(1):
+            logits = apply_repetition_penalty(logits, self.recent[codebook + 1].clamp(max=logits.size(-1) - 1),
+                                              s.repetition_penalty)
+        return int(draw(filtered_probs(logits, s.temperature, s.top_p, s.top_k), self.generator))
+
+    def accept(self, frame: Tensor) -> None:
+        self.recent = torch.cat([self.recent, frame[:, None]], dim=1)[:, -REPETITION_WINDOW:]
+        self.next_input = frame.view(1, -1, 1)
+        self.emitted += 1
+
+
+def _step_many(runner: DualARRunner, gens: list[FrameGenerator]) -> list[Tensor | None]:
+    model, c = runner.model, runner.config
+    results: list[Tensor | None] = [None] * len(gens)
+    live = []
+    for i, g in enumerate(gens):
+        if g.finished:
+            continue
+        if g.emitted >= g.max_new_tokens:
+            g.finish("length")
+            continue
+        live.append(i)
+    if not live:
+        return results
+    # Slow transformer: prompts prefill one by one; decodes run as one batch.
+    fresh = [i for i in live if not gens[i].prefilled]
+    decoding = [i for i in live if gens[i].prefilled]
+    order, hidden_parts, normed_parts = [], [], []
+    for i in fresh:
+        g = gens[i]
+        g.reuse_prefix()
+        h, n = model.forward_slow(g.next_input, g.slow_caches, g.position)
+        g.position += g.next_input.size(-1)
+        if runner.prefix_cache.max_entries:
+            runner.prefix_cache.store(g.prompt, g.slow_caches)
+        order.append(i)
+        hidden_parts.append(h)
+        normed_parts.append(n)
+    if decoding:
+        inp = torch.cat([gens[i].next_input for i in decoding], dim=0)
+        h, n = model.forward_slow_rows(inp, [gens[i].slow_caches for i in decoding],
+                                       [gens[i].position for i in decoding])
+        for i in decoding:
+            gens[i].position += 1
+        order += decoding
+        hidden_parts.append(h)
+        normed_parts.append(n)
+    hidden, normed = torch.cat(hidden_parts, dim=0), torch.cat(normed_parts, dim=0)  # (B, 1, dim)
+
+    slow_logits = (normed[:, -1] @ runner.slow_head.T).float()
+    tokens, keep = [], []
+    for row, i in enumerate(order):
+        g = gens[i]
+        if g.dump is not None and g.dump.slow_logits is None:
+            g.dump.slow_logits = (normed[row, -1] @ model.head_weight().T).float().cpu()
+        token = int(runner.slow_candidates[g.sample_slow(slow_logits[row])])
+        if token == runner.im_end_id:
+            g.finish("end")
+        else:
+            tokens.append(token)
+            keep.append(row)
+    if not keep:
+        return results
+
+    # Fast transformer along the codebooks, batched over the sequences that go on.
+    rows = torch.tensor(keep, device=runner.device)
+    x = model.to_fast_input(hidden[rows], normed[rows])
+    fast_caches = model.new_fast_caches(len(keep))
+    model.forward_fast(x, fast_caches, 0)  # position 0 only fills the caches
+    codes = [[min(max(t - c.semantic_begin_id, 0), c.codebook_size - 1)] for t in tokens]
+    for k in range(1, c.num_codebooks):
+        prev = torch.tensor([cs[-1] for cs in codes], device=runner.device)
+        out = model.forward_fast(model.fast_embeddings(prev).unsqueeze(1), fast_caches, k)
+        logits = (out[:, -1] @ runner.fast_head.T).float()
+        for j, row in enumerate(keep):
+            g = gens[order[row]]
+            if k == 1 and g.dump is not None and g.dump.fast_logits is None:
+                g.dump.fast_logits = (out[j, -1] @ model.fast_output.weight.T).float().cpu()
+            codes[j].append(g.sample_fast(logits[j], k))
+    for j, row in enumerate(keep):
+        i = order[row]
+        frame = torch.tensor([tokens[j]] + codes[j], device=runner.device)
+        gens[i].accept(frame)
+        results[i] = frame[1:]
+    return results
 
 
 def generate_codes(runner: DualARRunner, prompt: Tensor, sampling: SamplingOptions, max_new_tokens: int = 0,

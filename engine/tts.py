@@ -23,7 +23,8 @@ from .audio import decode_audio
 from .codec import StreamingDecoder
 from .models import FishModels, load_models
 from .prompt import build_prompt
-from .scheduler import ModelWorker
+from .generate import FrameGenerator
+from .scheduler import BatchableStep, ModelWorker
 from .text_chunks import split_text
 from .text_normalize import normalize_text
 from .tts_types import AudioChunk, Reference, TTSRequest
@@ -66,6 +67,21 @@ class ReferenceCache:
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+class FrameStep(BatchableStep):
+    """One frame of one request; frames of concurrent requests on one model run as a batch."""
+
+    def __init__(self, gen: FrameGenerator) -> None:
+        self.gen = gen
+        self.batch_key = id(gen.runner)
+
+    @classmethod
+    def run_batch(cls, items: list[BatchableStep]) -> None:
+        steps = [item for item in items if isinstance(item, FrameStep)]
+        results = steps[0].gen.runner.step_many([s.gen for s in steps])
+        for step, codes in zip(steps, results):
+            step.result = codes
 
 
 class TTSEngine:
@@ -171,7 +187,7 @@ class TTSEngine:
         return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
     def _steps(self, request: TTSRequest, chunks: list[str], references: list[tuple[str, np.ndarray]],
-               emit) -> Iterator[None]:
+               emit) -> Iterator[BatchableStep | None]:
         """The request as a sequence of small units of work for the model worker."""
         m = self.models
         every = max(1, request.stream_every_frames or self.stream_every_frames)
@@ -184,7 +200,9 @@ class TTSEngine:
             frames: list[torch.Tensor] = []
             pending: list[torch.Tensor] = []
             while True:
-                codes = gen.step()
+                step = FrameStep(gen)
+                yield step
+                codes = step.result
                 if codes is not None:
                     frames.append(codes)
                     pending.append(codes)
@@ -196,7 +214,6 @@ class TTSEngine:
                     pending = []
                 if codes is None:
                     break
-                yield
             if frames:
                 history.append((text, torch.stack(frames, dim=1).cpu().numpy()))
             yield

@@ -88,3 +88,43 @@ def test_a_failing_job_does_not_hurt_the_others():
         assert worker.call(lambda: "alive").result(timeout=2) == "alive"
     finally:
         worker.stop()
+
+
+def test_batchable_steps_of_concurrent_jobs_run_together():
+    from engine.scheduler import BatchableStep
+
+    batches: list[list[int]] = []
+
+    class Square(BatchableStep):
+        batch_key = "model"
+
+        def __init__(self, x):
+            self.x = x
+
+        @classmethod
+        def run_batch(cls, items):
+            batches.append([i.x for i in items])
+            for i in items:
+                i.result = i.x * i.x
+
+    results: dict[str, list[int]] = {"a": [], "b": []}
+    gate = threading.Event()
+
+    def job(name, xs):
+        gate.wait()
+        for x in xs:
+            step = Square(x)
+            yield step
+            results[name].append(step.result)
+
+    worker = ModelWorker()
+    try:
+        d1, e1 = _collect(worker, job("a", [1, 2, 3]))
+        d2, e2 = _collect(worker, job("b", [4, 5]))
+        gate.set()
+        assert d1.wait(5) and d2.wait(5) and not e1 and not e2
+    finally:
+        worker.stop()
+    assert results == {"a": [1, 4, 9], "b": [16, 25]}
+    assert [1, 4] in batches and [2, 5] in batches and [3] in batches
+    assert worker.largest_batch == 2
