@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=32)
     ap.add_argument("--text-positions", type=int, default=45)
     ap.add_argument("--ref-frames", type=int, default=215)
+    ap.add_argument("--batch", type=int, nargs="*", default=[2, 4],
+                    help="also measure N concurrent sequences decoding together")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     t0 = time.perf_counter()
@@ -94,11 +96,26 @@ def main() -> None:
     gen2.step()
     sync()
     t_follow = time.perf_counter() - t2
+    batch_lines = []
+    for n_seq in args.batch:
+        gens = [runner.start(prompt, SamplingOptions(seed=i), args.frames + 1) for i in range(n_seq)]
+        runner.step_many(gens)  # prefills
+        sync()
+        tb = time.perf_counter()
+        steps = 0
+        while not all(g.finished for g in gens):
+            steps += sum(r is not None for r in runner.step_many(gens))
+        sync()
+        el = time.perf_counter() - tb
+        batch_lines.append(f"{n_seq} concurrent sequences: {steps / el:.2f} frames/s in total "
+                           f"({steps / el / n_seq:.2f} each)")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"prompt positions: {prompt.size(1)} ({args.text_positions} text + {args.ref_frames} reference frames)")
     print(f"prefill + first frame: {t_first:.3f} s")
     print(f"same voice, new text (prefix cache): first frame after {t_follow:.3f} s")
     print(f"decode: {n} frames in {dt:.2f} s = {n / dt:.2f} frames/s (real-time factor {21.53 / (n / dt):.2f})")
+    for line in batch_lines:
+        print(line)
     print(f"peak RSS: {peak:.0f} MiB" + (f", peak CUDA: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
                                           if args.device == "cuda" else ""))
 
