@@ -308,7 +308,8 @@ class ConversationSession:
             resp.stopped = True
             self._emit("output_audio_buffer.cleared", {"audio_end_ms": int(played * 1000)}, resp.id)
         resp.stopped = True
-        heard = resp.spoken_text(played)
+        # Without a voice, the text itself is what the user got.
+        heard = resp.spoken_text(played) if self._tts is not None else resp.text.strip()
         if generating:
             resp.status = "cancelled"
             self._record_reply(resp, heard)
@@ -410,7 +411,9 @@ class ConversationSession:
                     self._on_reply_item(resp, item)
             except ReplyError as exc:
                 resp.status = "failed"
-                heard = " ".join(s.text for s in resp.sentences if s.complete)  # what will still play out
+                # What will still play out (or, without a voice, the text already shown).
+                heard = (" ".join(s.text for s in resp.sentences if s.complete) if self._tts is not None
+                         else resp.text.strip())
                 self._record_reply(resp, heard)
                 self._error("server_error", f"{exc.stage}_failed", str(exc), response_id=resp.id)
                 self._emit("response.done", self._done_data(resp, {"type": "failed", "error": {
