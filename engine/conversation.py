@@ -379,7 +379,11 @@ class ConversationSession:
                 return  # a cough or noise: nothing to answer
             if self.mode == "agent":
                 self._history.append({"role": "user", "content": transcript})
-                if respond and self._llm is not None:
+                # If the user has already started another turn, answering now would talk over
+                # them: that turn's response will answer both.
+                talking_again = (self._detector is not None and self._detector.in_speech
+                                 and self.turn_detection is not None and self.turn_detection.interrupt_response)
+                if respond and self._llm is not None and not talking_again:
                     self._start_response("agent", None, turn)
 
     # ------------------------------------------------------------------ responses
