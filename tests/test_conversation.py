@@ -410,6 +410,46 @@ async def test_barge_in_during_playback_truncates_history_to_the_played_audio(as
 
 
 @needs_tts
+async def test_stages_overlap_speech_starts_before_the_reply_is_written(asr, vad, llm, tts_engine):
+    session = make_session(asr, vad, llm, tts=tts_engine, chat=LONG)
+    try:
+        await session.send_text("Tell me a long story about a dragon.")
+        items = await collect_until(session, is_event("response.done"), timeout=60)
+        first_audio = next(i for i, x in enumerate(items) if isinstance(x, AudioOut))
+        deltas = [i for i, x in enumerate(items) if is_event("response.output_audio_transcript.delta")(x)]
+        assert first_audio < deltas[-1]  # TTS of sentence one ran while the LLM was still writing
+    finally:
+        await session.close()
+
+
+@needs_tts
+async def test_barge_in_after_generation_truncates_to_the_reported_playout(asr, vad, llm, tts_engine,
+                                                                           interruption_pcm):
+    session = make_session(asr, vad, llm, tts=tts_engine, chat=LONG,
+                           turn_detection=TurnDetection(create_response=False))
+    try:
+        await session.send_text("Tell me a long story about a dragon.")
+        items = await collect_until(session, is_event("response.done"), timeout=60)
+        done = events(items, "response.done")[0]
+        full = done.data["transcript"]
+        total = sum(len(a.pcm) / a.sample_rate for a in items if isinstance(a, AudioOut))
+        assert total == pytest.approx(done.data["audio_seconds"], abs=1e-3)
+        session.mark_played(done.response_id, total / 2)  # the listener is half-way through
+        await push_speech(session, interruption_pcm)
+        items = await collect_until(session, is_event("conversation.item.input_audio_transcription.completed"),
+                                    timeout=30)
+        assert any(isinstance(i, AudioClear) for i in items)
+        truncated = events(items, "conversation.item.truncated")[0].data
+        assert truncated["audio_end_ms"] == pytest.approx(total / 2 * 1000, abs=100)
+        heard = session.history[1]["content"]
+        assert heard == truncated["transcript"]
+        assert 0 < len(heard.split()) < len(full.split())
+        assert full.split()[: len(heard.split())] == heard.split()  # a prefix, word for word
+    finally:
+        await session.close()
+
+
+@needs_tts
 async def test_failure_mid_reply_keeps_the_spoken_sentences(asr, vad, llm, tts_engine):
     flaky = ScriptedFailureTTS(tts_engine, {2})
     session = make_session(asr, vad, llm, tts=flaky, chat=LONG)
