@@ -1,0 +1,227 @@
+"""The `oai-events` data-channel protocol: JSON events named after the OpenAI Realtime API.
+
+Client events are parsed into one pydantic model each (bad input becomes an `error` event, never
+an exception in the session). Server events are plain dicts built by `server_event`, every one
+stamped with `event_id` and `t_ms` (milliseconds since the call began, server clock) so a page
+can line up timings. Messages stay small: long text is split over several `delta` events, and
+aiortc's SCTP chunks are clamped to fit 1280-byte paths (see `clamp_sctp_chunks`).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+log = logging.getLogger(__name__)
+
+CHANNEL_LABEL = "oai-events"
+# One SCTP DATA chunk must fit a 1280-byte IPv6/VPN MTU after IP(40) + UDP(8) + DTLS(~37) headers.
+SAFE_SCTP_USERDATA = 1100
+MAX_CLIENT_MESSAGE_BYTES = 64 * 1024  # a typed message or TTS text, never audio
+MAX_TEXT_CHARS = 4000
+DELTA_CHARS = 400  # a transcript delta longer than this is sent as several deltas
+
+
+def clamp_sctp_chunks(limit: int = SAFE_SCTP_USERDATA) -> int:
+    """Keep aiortc's SCTP DATA chunks within `limit` bytes of user data.
+
+    Older aiortc releases sized chunks for a 1500-byte MTU, and without path-MTU discovery a
+    data channel then stalls silently over VPNs and IPv6 tunnels. aiortc >= 1.14 already uses a
+    safe size; this only ever lowers the module constant, never raises it. Returns the size in use.
+    """
+    from aiortc import rtcsctptransport
+
+    if rtcsctptransport.USERDATA_MAX_LENGTH > limit:
+        rtcsctptransport.USERDATA_MAX_LENGTH = limit
+    return rtcsctptransport.USERDATA_MAX_LENGTH
+
+
+# --------------------------------------------------------------------------- client events
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    event_id: str | None = None
+
+
+class SessionUpdate(_Event):
+    type: Literal["session.update"]
+    session: dict[str, Any] = Field(default_factory=dict)
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: str = "input_text"
+    text: str | None = None
+    transcript: str | None = None
+
+
+class ConversationItem(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["message"] = "message"
+    role: Literal["user", "system", "assistant"] = "user"
+    content: list[ContentPart] = Field(default_factory=list, max_length=16)
+
+    def text(self) -> str:
+        return " ".join((p.text or p.transcript or "").strip() for p in self.content).strip()
+
+
+class ConversationItemCreate(_Event):
+    type: Literal["conversation.item.create"]
+    item: ConversationItem
+
+
+class ResponseCreate(_Event):
+    type: Literal["response.create"]
+    response: dict[str, Any] | None = None
+
+
+class ResponseCancel(_Event):
+    type: Literal["response.cancel"]
+    response_id: str | None = None
+
+
+class OutputAudioBufferClear(_Event):
+    type: Literal["output_audio_buffer.clear"]
+
+
+class InputAudioBufferClear(_Event):
+    type: Literal["input_audio_buffer.clear"]
+
+
+class InputAudioBufferCommit(_Event):
+    type: Literal["input_audio_buffer.commit"]
+
+
+class TTSSampling(BaseModel):
+    """Per-request sampling knobs of a `tts.request` (any left out keep the session's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float | None = Field(None, gt=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=1, le=4096)
+    repetition_penalty: float | None = Field(None, ge=0.5, le=3.0)
+    max_new_tokens: int | None = Field(None, ge=0, le=8192)
+    seed: int | None = None
+
+
+class TTSRequestEvent(_Event):
+    """Our extension: speak exactly `text` on the audio track, answered with `response.*` events."""
+
+    type: Literal["tts.request"]
+    text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    voice: str | None = Field(None, max_length=200, description="reference voice id; default: the session's")
+    sampling: TTSSampling = Field(default_factory=TTSSampling)
+    # Flat aliases, for clients that prefer the job API's field names.
+    temperature: float | None = Field(None, gt=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    max_new_tokens: int | None = Field(None, ge=0, le=8192)
+    repetition_penalty: float | None = Field(None, ge=0.5, le=3.0)
+    seed: int | None = None
+
+    def merged_sampling(self) -> TTSSampling:
+        flat = {k: getattr(self, k) for k in ("temperature", "top_p", "max_new_tokens", "repetition_penalty", "seed")}
+        return self.sampling.model_copy(update={k: v for k, v in flat.items() if v is not None})
+
+
+ClientEvent = Annotated[
+    Union[SessionUpdate, ConversationItemCreate, ResponseCreate, ResponseCancel, OutputAudioBufferClear,
+          InputAudioBufferClear, InputAudioBufferCommit, TTSRequestEvent],
+    Field(discriminator="type"),
+]
+_CLIENT_EVENT = TypeAdapter(ClientEvent)
+CLIENT_EVENT_TYPES = ("session.update", "conversation.item.create", "response.create", "response.cancel",
+                      "output_audio_buffer.clear", "input_audio_buffer.clear", "input_audio_buffer.commit",
+                      "tts.request")
+
+
+class ProtocolError(ValueError):
+    """A client message that cannot be acted on; becomes an `error` event."""
+
+    def __init__(self, code: str, message: str, *, event_id: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.event_id = event_id
+        self.param = param
+
+
+def is_keepalive(message: str | bytes) -> bool:
+    """Pipecat-style `ping...` strings: they only keep the call alive."""
+    text = message if isinstance(message, str) else message[:8].decode("latin-1")
+    return text.startswith("ping")
+
+
+def parse_client_event(message: str | bytes) -> ClientEvent:
+    """One data-channel message -> its event model, or ProtocolError saying what is wrong."""
+    if isinstance(message, bytes):
+        try:
+            message = message.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError("invalid_json", "messages must be UTF-8 JSON text") from None
+    if len(message) > MAX_CLIENT_MESSAGE_BYTES:
+        raise ProtocolError("message_too_large", f"messages are limited to {MAX_CLIENT_MESSAGE_BYTES} bytes")
+    try:
+        raw = json.loads(message)
+    except json.JSONDecodeError as exc:
+        raise ProtocolError("invalid_json", f"not JSON: {exc.msg}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
+        raise ProtocolError("invalid_event", "an event is a JSON object with a string `type`")
+    event_id = raw.get("event_id") if isinstance(raw.get("event_id"), str) else None
+    if raw["type"] not in CLIENT_EVENT_TYPES:
+        raise ProtocolError("unknown_event", f"unsupported event type {raw['type']!r}; supported: "
+                            + ", ".join(CLIENT_EVENT_TYPES), event_id=event_id, param="type")
+    try:
+        return _CLIENT_EVENT.validate_python(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"][1:]) or None  # drop the discriminator tag
+        raise ProtocolError("invalid_value", f"{raw['type']}: {param or 'event'}: {first['msg']}",
+                            event_id=event_id, param=param) from None
+
+
+# --------------------------------------------------------------------------- server events
+class ServerEvents:
+    """Builds server events for one call: ids and `t_ms` on a shared clock."""
+
+    def __init__(self, t0: float) -> None:
+        self._t0 = t0
+        self._ids = itertools.count(1)
+
+    def build(self, type_: str, data: dict[str, Any] | None = None, *, response_id: str | None = None,
+              t: float) -> dict[str, Any]:
+        event: dict[str, Any] = {"type": type_, "event_id": f"event_{next(self._ids)}"}
+        event.update(data or {})
+        if response_id is not None:
+            event.setdefault("response_id", response_id)
+        event["t_ms"] = round((t - self._t0) * 1000.0, 1)
+        return event
+
+    def error(self, code: str, message: str, *, t: float, type_: str = "invalid_request_error",
+              event_id: str | None = None, param: str | None = None) -> dict[str, Any]:
+        return self.build("error", {"error": {"type": type_, "code": code, "message": message, "param": param,
+                                              "event_id": event_id}}, t=t)
+
+
+def split_event(event: dict[str, Any], chars: int = DELTA_CHARS) -> list[dict[str, Any]]:
+    """A transcript delta with long text becomes several deltas (same order, same fields)."""
+    delta = event.get("delta")
+    if not isinstance(delta, str) or len(delta) <= chars:
+        return [event]
+    parts = [delta[i:i + chars] for i in range(0, len(delta), chars)]
+    return [{**event, "delta": part, "event_id": f"{event['event_id']}_{n}" if n else event["event_id"]}
+            for n, part in enumerate(parts)]
+
+
+def encode(event: dict[str, Any]) -> str:
+    return json.dumps(event, separators=(",", ":"), ensure_ascii=False, default=_jsonable)
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

@@ -1,0 +1,229 @@
+"""Session options for a call: from the offer's query string, the multipart `session` field and
+`session.update` events, in the OpenAI Realtime shapes (GA and beta) plus a few extensions.
+
+Accepted session fields:
+  `mode` ("agent" | "tts", our extension), `instructions`, `voice` / `audio.output.voice` /
+  `reference_id` (a reference voice id), `turn_detection` / `audio.input.turn_detection`
+  (`server_vad` parameters, or null for manual turns), `max_output_tokens` and `temperature`
+  (the agent LLM), `sampling` (TTS sampling: temperature, top_p, top_k, repetition_penalty,
+  max_new_tokens, seed; our extension).
+Query parameters carry the same, flattened: mode, voice, instructions, turn_detection=none,
+threshold (or vad_threshold), prefix_padding_ms, silence_duration_ms, create_response,
+interrupt_response, and the sampling names.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from engine.conversation_types import TurnDetection
+from engine.tts_types import Reference, SamplingOptions
+
+KEEP = "keep"
+_SAMPLING_FIELDS = {"temperature": float, "top_p": float, "top_k": int, "repetition_penalty": float,
+                    "max_new_tokens": int, "seed": int}
+_TURN_FIELDS = {"threshold": float, "prefix_padding_ms": int, "silence_duration_ms": int,
+                "create_response": bool, "interrupt_response": bool}
+_BOUNDS = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "top_k": (1, 4096), "repetition_penalty": (0.5, 3.0),
+           "max_new_tokens": (0, 8192), "threshold": (0.0, 1.0), "prefix_padding_ms": (0, 5000),
+           "silence_duration_ms": (0, 10_000)}
+MAX_INSTRUCTIONS_CHARS = 8000
+
+
+class OptionsError(ValueError):
+    """A session option with a bad value; `param` names it."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+@dataclasses.dataclass
+class SessionOptions:
+    """A partial update: None (or KEEP for turn detection) leaves a setting unchanged."""
+
+    mode: Literal["agent", "tts"] | None = None
+    voice_id: str | None = None
+    instructions: str | None = None
+    turn_detection: TurnDetection | None | Literal["keep"] = KEEP
+    sampling: dict[str, Any] = dataclasses.field(default_factory=dict)
+    max_output_tokens: int | None = None
+    llm_temperature: float | None = None
+
+    def merged(self, later: SessionOptions) -> SessionOptions:
+        """These options, overridden by `later` wherever it sets something."""
+        out = dataclasses.replace(self, sampling={**self.sampling, **later.sampling})
+        for field in ("mode", "voice_id", "instructions", "max_output_tokens", "llm_temperature"):
+            if getattr(later, field) is not None:
+                setattr(out, field, getattr(later, field))
+        if later.turn_detection != KEEP:
+            out.turn_detection = later.turn_detection
+        return out
+
+
+def _coerce(param: str, value: Any, kind: type) -> Any:
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            out = int(value)
+        else:
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value)
+    except (TypeError, ValueError):
+        raise OptionsError(param, f"expected {kind.__name__}, got {value!r}") from None
+    if param in _BOUNDS:
+        low, high = _BOUNDS[param]
+        if not low <= out <= high:
+            raise OptionsError(param, f"must be within [{low}, {high}], got {out}")
+    return out
+
+
+def _turn_detection(value: Any, base: TurnDetection, param: str) -> TurnDetection | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise OptionsError(param, "must be an object or null")
+    kind = value.get("type", "server_vad")
+    if kind != "server_vad":
+        raise OptionsError(f"{param}.type", f"only 'server_vad' (or null for manual turns) is supported, got {kind!r}")
+    changes = {k: _coerce(k, value[k], t) for k, t in _TURN_FIELDS.items() if value.get(k) is not None}
+    return dataclasses.replace(base, **changes)
+
+
+def _mode(value: Any) -> Literal["agent", "tts"]:
+    if value not in ("agent", "tts"):
+        raise OptionsError("mode", f"must be 'agent' or 'tts', got {value!r}")
+    return value
+
+
+def _text(param: str, value: Any, limit: int) -> str:
+    if not isinstance(value, str):
+        raise OptionsError(param, "must be a string")
+    if len(value) > limit:
+        raise OptionsError(param, f"is limited to {limit} characters")
+    return value
+
+
+def from_session(session: Mapping[str, Any], current: TurnDetection | None = None) -> SessionOptions:
+    """A `session` object (session.update, or the multipart `session` field) -> options."""
+    if not isinstance(session, Mapping):
+        raise OptionsError("session", "must be a JSON object")
+    out = SessionOptions()
+    if session.get("mode") is not None:
+        out.mode = _mode(session["mode"])
+    if session.get("instructions") is not None:
+        out.instructions = _text("instructions", session["instructions"], MAX_INSTRUCTIONS_CHARS)
+    audio = session.get("audio") if isinstance(session.get("audio"), Mapping) else {}
+    output = audio.get("output") if isinstance(audio.get("output"), Mapping) else {}
+    inputs = audio.get("input") if isinstance(audio.get("input"), Mapping) else {}
+    for param, holder, key in (("reference_id", session, "reference_id"), ("voice", session, "voice"),
+                               ("audio.output.voice", output, "voice")):
+        if holder.get(key) is not None:
+            out.voice_id = _text(param, holder[key], 200).strip() or None
+    base = current or TurnDetection()
+    for param, holder in (("turn_detection", session), ("audio.input.turn_detection", inputs)):
+        if "turn_detection" in holder:
+            out.turn_detection = _turn_detection(holder["turn_detection"], base, param)
+    sampling = session.get("sampling")
+    if sampling is not None:
+        if not isinstance(sampling, Mapping):
+            raise OptionsError("sampling", "must be an object")
+        unknown = set(sampling) - set(_SAMPLING_FIELDS)
+        if unknown:
+            raise OptionsError("sampling", f"unknown fields {sorted(unknown)}; known: {sorted(_SAMPLING_FIELDS)}")
+        out.sampling = {k: _coerce(k, v, _SAMPLING_FIELDS[k]) for k, v in sampling.items() if v is not None}
+    tokens = session.get("max_output_tokens", session.get("max_response_output_tokens"))
+    if tokens is not None and tokens != "inf":
+        out.max_output_tokens = _coerce("max_output_tokens", tokens, int)
+        if out.max_output_tokens < 1:
+            raise OptionsError("max_output_tokens", "must be >= 1")
+    if session.get("temperature") is not None:
+        out.llm_temperature = _coerce("temperature", session["temperature"], float)
+    return out
+
+
+def from_query(query: Mapping[str, str]) -> SessionOptions:
+    """The call URL's query parameters -> options (flat names; see the module docstring)."""
+    session: dict[str, Any] = {}
+    for key in ("mode", "instructions", "voice", "reference_id"):
+        if query.get(key):
+            session[key] = query[key]
+    turn: dict[str, Any] = {}
+    if query.get("vad_threshold"):
+        turn["threshold"] = query["vad_threshold"]
+    for key in _TURN_FIELDS:
+        if query.get(key):
+            turn[key] = query[key]
+    if (query.get("turn_detection") or "").lower() in ("none", "null", "manual"):
+        if turn:
+            raise OptionsError("turn_detection", "turn_detection=none cannot be combined with VAD parameters")
+        session["turn_detection"] = None
+    elif turn:
+        session["turn_detection"] = turn
+    sampling = {k: query[k] for k in _SAMPLING_FIELDS if query.get(k)}
+    if sampling:
+        session["sampling"] = sampling
+    return from_session(session)
+
+
+def sampling_options(base: SamplingOptions, overrides: Mapping[str, Any]) -> SamplingOptions:
+    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+async def resolve_voice(services: Any, voice_id: str) -> tuple[Reference, ...]:
+    """A reference voice id -> the references to speak with, via the server's reference store.
+
+    The store is `services.references`; it may offer `get_references(id)` or `get(id)` (plain or
+    async) returning a Reference, a sequence of them, or None for an unknown id.
+    """
+    store = getattr(services, "references", None)
+    if store is None:
+        raise OptionsError("voice", "this server keeps no reference voices")
+    getter = getattr(store, "get_references", None) or getattr(store, "get", None)
+    if getter is None:
+        raise OptionsError("voice", "the reference store cannot look voices up")
+    try:
+        found = getter(voice_id)
+        if inspect.isawaitable(found):
+            found = await found
+    except KeyError:
+        found = None
+    except ValueError as exc:
+        raise OptionsError("voice", str(exc)) from None
+    if found is None:
+        raise OptionsError("voice", f"unknown reference voice {voice_id!r}")
+    refs = (found,) if isinstance(found, Reference) else tuple(found)
+    if not refs or not all(isinstance(r, Reference) for r in refs):
+        raise OptionsError("voice", f"reference voice {voice_id!r} has no usable audio")
+    return refs
+
+
+def describe(mode: str, voice_id: str | None, instructions: str, turn: TurnDetection | None,
+             sampling: SamplingOptions) -> dict[str, Any]:
+    """The session as reported in session.created / session.updated."""
+    turn_detection = None if turn is None else {"type": "server_vad", **dataclasses.asdict(turn)}
+    return {
+        "type": "realtime",
+        "object": "realtime.session",
+        "mode": mode,
+        "instructions": instructions,
+        "voice": voice_id,
+        "output_modalities": ["audio"],
+        "audio": {"input": {"format": {"type": "audio/opus", "rate": 48000}, "turn_detection": turn_detection},
+                  "output": {"format": {"type": "audio/opus", "rate": 48000}, "voice": voice_id}},
+        "turn_detection": turn_detection,
+        "sampling": dataclasses.asdict(sampling),
+    }

@@ -1,0 +1,234 @@
+"""HTTP side of realtime calls (OpenAI Realtime WebRTC shapes) and the web page.
+
+  POST   /v1/realtime/calls            SDP offer (application/sdp, or multipart `sdp` + `session`)
+                                       -> 201, SDP answer, Location: /v1/realtime/calls/{call_id}
+  POST   /v1/realtime                  the beta path, same behaviour
+  DELETE /v1/realtime/calls/{call_id}  hang up (also POST .../{call_id}/hangup)
+  GET    /v1/realtime/calls/{call_id}  the call's state and audio statistics
+  GET    /v1/realtime/config           ICE servers and modes for browser clients
+  GET    /  and /web/...               the browser client
+
+Session options come from the query string and the multipart `session` field (see
+signaling.options). `Authorization: Bearer KEY` is required when a key is configured; CORS
+headers and preflights are answered for the /v1/realtime routes from the configured origins.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from signaling import events as ev
+from signaling.options import OptionsError, SessionOptions, from_query, from_session
+from signaling.session import CallError, CallLimits, CallRegistry, PeerCall, ice_servers_for_browser
+
+log = logging.getLogger(__name__)
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+CALLS_PATH = "/v1/realtime/calls"
+CORS_PREFIX = "/v1/realtime"
+DEFAULT_MAX_SESSIONS = 8
+CALLS = web.AppKey("realtime_calls", CallRegistry)
+CONTEXT = web.AppKey("realtime_context", dict)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def install(app: web.Application, *, services: Any, settings: Any) -> None:
+    """Add the realtime routes, the CORS and auth handling for them, and the web page to `app`.
+
+    `services` holds the loaded models (tts, asr, vad, llm; any may be None), `settings` the
+    configuration (api_key, cors_origins, ice_servers, max_sessions, mode, and optional
+    rtc_liveness_timeout / rtc_connect_timeout / rtc_max_call_seconds in seconds).
+    """
+    ev.clamp_sctp_chunks()
+    max_sessions = int(getattr(settings, "max_sessions", None) or DEFAULT_MAX_SESSIONS)
+    app[CALLS] = CallRegistry(max_sessions)
+    app[CONTEXT] = {"services": services, "settings": settings, "limits": _limits(settings)}
+    app.middlewares.append(_cors_middleware(_origins(getattr(settings, "cors_origins", None))))
+
+    async def close_calls(app: web.Application) -> None:
+        await app[CALLS].close_all()
+
+    app.on_shutdown.append(close_calls)
+    r = app.router
+    r.add_post(CALLS_PATH, create_call)
+    r.add_post("/v1/realtime", create_call)
+    r.add_get(CALLS_PATH + "/{call_id}", get_call)
+    r.add_delete(CALLS_PATH + "/{call_id}", hang_up)
+    r.add_post(CALLS_PATH + "/{call_id}/hangup", hang_up)
+    r.add_get("/v1/realtime/config", get_config)
+    if WEB_DIR.is_dir():
+        r.add_get("/", index)
+        r.add_static("/web/", WEB_DIR, append_version=False)
+
+
+def _limits(settings: Any) -> CallLimits:
+    base = CallLimits()
+    return CallLimits(
+        liveness_timeout=float(getattr(settings, "rtc_liveness_timeout", None) or base.liveness_timeout),
+        connect_timeout=float(getattr(settings, "rtc_connect_timeout", None) or base.connect_timeout),
+        max_call_seconds=getattr(settings, "rtc_max_call_seconds", None) or base.max_call_seconds,
+    )
+
+
+# --------------------------------------------------------------------------- errors and auth
+def error_response(status: int, code: str, message: str, *, type_: str | None = None,
+                   param: str | None = None) -> web.Response:
+    kind = type_ or ("server_error" if status >= 500 else "invalid_request_error")
+    body = {"error": {"message": message, "type": kind, "code": code, "param": param}}
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _unauthorized(request: web.Request) -> web.Response | None:
+    key = getattr(request.app[CONTEXT]["settings"], "api_key", None)
+    if not key:
+        return None
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), str(key).encode()):
+        return None
+    return error_response(401, "invalid_api_key", "missing or wrong API key: send Authorization: Bearer KEY")
+
+
+# --------------------------------------------------------------------------- CORS
+def _origins(value: Any) -> tuple[str, ...]:
+    if not value:
+        return ()
+    if isinstance(value, str):
+        value = value.split(",")
+    return tuple(o.strip().rstrip("/") for o in value if o and o.strip())
+
+
+def _cors_middleware(origins: tuple[str, ...]):
+    """CORS for /v1/realtime only (other routes belong to the server, which has its own policy)."""
+
+    @web.middleware
+    async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not request.path.startswith(CORS_PREFIX):
+            return await handler(request)
+        origin = request.headers.get("Origin")
+        allowed = origin is not None and ("*" in origins or origin.rstrip("/") in origins)
+        if request.method == "OPTIONS" and request.headers.get("Access-Control-Request-Method"):
+            if not allowed:
+                return error_response(403, "cors_origin_not_allowed", f"origin {origin!r} is not allowed")
+            response: web.StreamResponse = web.Response(status=204, headers={
+                "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
+                "Access-Control-Allow-Headers": request.headers.get("Access-Control-Request-Headers",
+                                                                    "Authorization, Content-Type"),
+                "Access-Control-Max-Age": "600"})
+        else:
+            try:
+                response = await handler(request)
+            except web.HTTPException as exc:
+                response = exc
+        if allowed:
+            response.headers["Access-Control-Allow-Origin"] = origin  # type: ignore[assignment]
+            response.headers["Access-Control-Expose-Headers"] = "Location"
+            response.headers["Vary"] = "Origin"
+        if isinstance(response, web.HTTPException):
+            raise response
+        return response
+
+    return cors
+
+
+# --------------------------------------------------------------------------- handlers
+async def _read_offer(request: web.Request) -> tuple[str, SessionOptions]:
+    options = from_query(request.query)
+    ctype = request.content_type
+    if ctype == "multipart/form-data":
+        form = await request.post()
+        sdp = form.get("sdp")
+        if sdp is None:
+            raise CallError(400, "missing_sdp", "multipart offers need an `sdp` field")
+        if hasattr(sdp, "file"):
+            sdp = sdp.file.read().decode("utf-8", "replace")  # type: ignore[union-attr]
+        session = form.get("session")
+        if session is not None:
+            if hasattr(session, "file"):
+                session = session.file.read().decode("utf-8", "replace")  # type: ignore[union-attr]
+            try:
+                parsed = json.loads(str(session))
+            except json.JSONDecodeError as exc:
+                raise CallError(400, "invalid_session", f"the `session` field is not JSON: {exc.msg}",
+                                param="session") from None
+            options = options.merged(from_session(parsed))
+        return str(sdp), options
+    if ctype in ("application/sdp", "text/plain", "application/octet-stream", ""):
+        return await request.text(), options
+    raise CallError(415, "unsupported_media_type",
+                    f"send the SDP offer as application/sdp (or multipart/form-data), not {ctype}")
+
+
+async def create_call(request: web.Request) -> web.Response:
+    if (denied := _unauthorized(request)) is not None:
+        return denied
+    ctx = request.app[CONTEXT]
+    registry = request.app[CALLS]
+    try:
+        sdp, options = await _read_offer(request)
+        async with registry.reserve():
+            call = await PeerCall.start(sdp, services=ctx["services"], settings=ctx["settings"],
+                                        registry=registry, options=options, limits=ctx["limits"])
+    except OptionsError as exc:
+        return error_response(400, "invalid_value", str(exc), param=exc.param)
+    except CallError as exc:
+        return error_response(exc.status, exc.code, str(exc), param=exc.param)
+    log.info("call %s answered (%d live)", call.id, len(registry.calls))
+    return web.Response(status=201, text=call.answer, content_type="application/sdp",
+                        headers={"Location": f"{CALLS_PATH}/{call.id}"})
+
+
+def _find_call(request: web.Request) -> PeerCall | web.Response:
+    call = request.app[CALLS].calls.get(request.match_info["call_id"])
+    if call is None:
+        return error_response(404, "call_not_found", "no such call (it may have ended already)",
+                              param="call_id")
+    return call
+
+
+async def hang_up(request: web.Request) -> web.Response:
+    if (denied := _unauthorized(request)) is not None:
+        return denied
+    call = _find_call(request)
+    if isinstance(call, web.Response):
+        return call
+    await call.close("hangup")
+    return web.json_response({"id": call.id, "status": "closed"})
+
+
+async def get_call(request: web.Request) -> web.Response:
+    if (denied := _unauthorized(request)) is not None:
+        return denied
+    call = _find_call(request)
+    if isinstance(call, web.Response):
+        return call
+    return web.json_response({**call.stats(), "session": call.describe()})
+
+
+async def get_config(request: web.Request) -> web.Response:
+    if (denied := _unauthorized(request)) is not None:
+        return denied
+    ctx = request.app[CONTEXT]
+    services, settings = ctx["services"], ctx["settings"]
+    modes = [m for m, ok in (("agent", getattr(services, "llm", None) is not None),
+                             ("tts", getattr(services, "tts", None) is not None)) if ok]
+    registry = request.app[CALLS]
+    default = getattr(settings, "mode", None) or "agent"
+    return web.json_response({
+        "ice_servers": ice_servers_for_browser(getattr(settings, "ice_servers", None)),
+        "modes": modes,
+        "default_mode": default if default in modes else (modes[0] if modes else None),
+        "data_channel": ev.CHANNEL_LABEL,
+        "calls": {"active": len(registry.calls), "max": registry.max_calls},
+    })
+
+
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})
