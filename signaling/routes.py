@@ -23,6 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
+from engine.conversation_types import TurnDetection
 from signaling import events as ev
 from signaling.options import OptionsError, SessionOptions, from_query, from_session
 from signaling.session import CallError, CallLimits, CallRegistry, PeerCall, ice_servers_for_browser
@@ -142,7 +143,7 @@ def _cors_middleware(origins: tuple[str, ...]):
 async def _read_offer(request: web.Request) -> tuple[str, SessionOptions]:
     options = from_query(request.query)
     ctype = request.content_type
-    if ctype == "multipart/form-data":
+    if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         form = await request.post()
         sdp = form.get("sdp")
         if sdp is None:
@@ -158,7 +159,9 @@ async def _read_offer(request: web.Request) -> tuple[str, SessionOptions]:
             except json.JSONDecodeError as exc:
                 raise CallError(400, "invalid_session", f"the `session` field is not JSON: {exc.msg}",
                                 param="session") from None
-            options = options.merged(from_session(parsed))
+            # Query values are the base; the session object overrides field by field.
+            base = options.turn_detection if isinstance(options.turn_detection, TurnDetection) else None
+            options = options.merged(from_session(parsed, base))
         return str(sdp), options
     if ctype in ("application/sdp", "text/plain", "application/octet-stream", ""):
         return await request.text(), options

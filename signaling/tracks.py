@@ -191,8 +191,11 @@ class InboundAudio:
     def __init__(self, track: MediaStreamTrack, sink: Callable[[np.ndarray], Awaitable[None]]) -> None:
         self.track = track
         self._sink = sink
-        # One resampler per stream: it carries filter state from frame to frame.
-        self._resampler = av.AudioResampler(format="flt", layout="mono", rate=INPUT_SAMPLE_RATE)
+        # One resampler per stream: it carries filter state from frame to frame. It keeps the
+        # channels and we average them: swresample's own downmix adds 3 dB to the mono mic that
+        # browsers send duplicated into both channels (and its upmix takes 3 dB off).
+        self._resampler: av.AudioResampler | None = None
+        self._layout: str | None = None
         self.frames = 0
         self.samples_out = 0
         self.input_format: tuple[str, str, int] | None = None  # (format, layout, rate) of the first frame
@@ -207,8 +210,11 @@ class InboundAudio:
             if self.input_format is None:
                 self.input_format = (frame.format.name, frame.layout.name, frame.sample_rate)
             self.frames += 1
+            if frame.layout.name != self._layout:
+                self._layout = frame.layout.name
+                self._resampler = av.AudioResampler(format="fltp", layout=self._layout, rate=INPUT_SAMPLE_RATE)
             for out in self._resampler.resample(frame):
-                pcm = out.to_ndarray().reshape(-1)
+                pcm = out.to_ndarray().mean(axis=0, dtype=np.float32)
                 if pcm.size:
                     self.samples_out += pcm.size
                     await self._sink(pcm)

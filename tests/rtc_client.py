@@ -112,7 +112,8 @@ class AudioSink:
 
     def __init__(self, track: MediaStreamTrack) -> None:
         self.track = track
-        self._resampler = av.AudioResampler(format="flt", layout="mono", rate=16_000)
+        self._resampler: av.AudioResampler | None = None
+        self._layout: str | None = None
         self.chunks: list[np.ndarray] = []
         self.arrivals: list[float] = []  # monotonic time of each 20 ms frame
         self.rms: list[float] = []
@@ -126,8 +127,11 @@ class AudioSink:
             except MediaStreamError:
                 return
             self.formats.add((frame.format.name, frame.layout.name, frame.sample_rate))
-            pcm = np.concatenate([f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)] or
-                                 [np.zeros(0, np.float32)])
+            if frame.layout.name != self._layout:  # average the channels (no +3 dB downmix)
+                self._layout = frame.layout.name
+                self._resampler = av.AudioResampler(format="fltp", layout=self._layout, rate=16_000)
+            parts = [f.to_ndarray().mean(axis=0, dtype=np.float32) for f in self._resampler.resample(frame)]
+            pcm = np.concatenate(parts) if parts else np.zeros(0, np.float32)
             self.arrivals.append(time.monotonic())
             self.rms.append(float(np.sqrt(np.mean(pcm ** 2))) if pcm.size else 0.0)
             self.chunks.append(pcm)
@@ -151,6 +155,49 @@ class AudioSink:
 
     def audible_seconds(self, after: float = 0.0, before: float = float("inf"), level: float = 0.003) -> float:
         return 0.02 * sum(1 for t, r in zip(self.arrivals, self.rms) if after <= t < before and r > level)
+
+
+class LocalServer:
+    """An aiohttp app with the realtime routes on 127.0.0.1 (an ephemeral port), in this loop."""
+
+    def __init__(self, services: Any, **settings: Any) -> None:
+        from types import SimpleNamespace
+
+        defaults = {"api_key": None, "cors_origins": None, "ice_servers": [], "max_sessions": 4,
+                    "rtc_liveness_timeout": 2.0}
+        self.settings = SimpleNamespace(**{**defaults, **settings})
+        self.services = services
+        self.runner: Any = None
+        self.base_url = ""
+
+    async def start(self) -> LocalServer:
+        from aiohttp import web
+
+        import signaling
+
+        app = web.Application()
+        signaling.install(app, services=self.services, settings=self.settings)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.base_url = f"http://127.0.0.1:{port}"
+        return self
+
+    @property
+    def app(self) -> Any:
+        return self.runner.app
+
+    @property
+    def calls(self) -> dict[str, Any]:
+        from signaling.routes import CALLS
+
+        return self.app[CALLS].calls
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
 
 
 class RealtimeClient:
@@ -210,7 +257,7 @@ class RealtimeClient:
             if session is None:
                 kwargs: dict[str, Any] = {"data": sdp, "headers": {**self.headers, "Content-Type": "application/sdp"}}
             else:
-                form = aiohttp.FormData()
+                form = aiohttp.FormData(default_to_multipart=True)
                 form.add_field("sdp", sdp)
                 form.add_field("session", json.dumps(session))
                 kwargs = {"data": form, "headers": self.headers}
