@@ -215,12 +215,19 @@ function callDropped(text) {
 async function hangUp() {
   hangingUp = true;
   const url = callUrl;
+  $("hangup").disabled = true;
+  if (url) {
+    // Tell the server first, so it ends the call cleanly instead of waiting for the peer to vanish.
+    const abort = new AbortController();
+    const timer = setTimeout(() => abort.abort(), 2000);
+    try {
+      await fetch(url, { method: "DELETE", headers: headers(), signal: abort.signal });
+    } catch (_) { /* the server is gone or slow; closing the connection ends the call anyway */ }
+    clearTimeout(timer);
+  }
   teardown();
   state.phase = "ended";
   setStatus("Call ended.", "idle");
-  if (url) {
-    try { await fetch(url, { method: "DELETE", headers: headers(), keepalive: true }); } catch (_) { /* gone already */ }
-  }
 }
 
 function teardown() {

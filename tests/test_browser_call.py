@@ -1,0 +1,298 @@
+"""A real browser calls the agent through the real page.
+
+Debian's headless Chromium, driven by Selenium, opens the page served by the server, presses
+Call, and talks through a fake microphone that plays an espeak-ng sentence. Checked: the call
+connects (Opus), the server transcribes what the fake mic said, the page shows that transcript,
+and the page hears the reply (WebAudio analyser RMS above a threshold).
+
+Everything (server, models, Chromium) runs in a network namespace that has only loopback
+(`unshare -n`), so nothing can leave the machine: the test re-executes this file as a harness
+inside the namespace and reads back a JSON report. Skipped, with the reason, only where Chromium
+or network namespaces are unavailable, and never in CI (CI=true makes that a failure).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import types
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+SENTENCE = "What is the capital of France?"
+AUDIBLE_RMS = 0.01
+
+
+# ---------------------------------------------------------------------------- the pytest side
+def _unavailable() -> str | None:
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not os.access(path, os.X_OK):
+            return f"{path} is missing (apt-get install chromium chromium-driver)"
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return "unshare/ip (util-linux, iproute2) are missing"
+    probe = subprocess.run(["unshare", "-n", "sh", "-c", "ip link set lo up"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"network namespaces are not permitted here: {probe.stderr.strip()}"
+    return None
+
+
+def _require_browser() -> None:
+    reason = _unavailable()
+    if reason is None:
+        return
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"the browser test must run in CI, but: {reason}")
+    pytest.skip(reason)
+
+
+def _run_harness(scenario: str, tmp_path: Path) -> dict:
+    _require_browser()
+    report_path = tmp_path / "report.json"
+    inner = (f"ip link set lo up; exec {sys.executable} {__file__} --harness {scenario} "
+             f"--out {report_path} --workdir {tmp_path}")
+    proc = subprocess.Popen(["unshare", "-n", "sh", "-c", inner], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{HERE}", "HF_HUB_OFFLINE": "1",
+                                 "SE_AVOID_STATS": "true"})
+    try:
+        output, _ = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"the browser harness timed out; its output:\n{output[-4000:]}")
+    assert report_path.exists(), f"no report (exit {proc.returncode}); output:\n{output[-4000:]}"
+    report = json.loads(report_path.read_text())
+    print(json.dumps({k: v for k, v in report.items() if k != "events"}, indent=1))
+    assert report.get("error") is None, f"{report.get('error')}\n{report.get('browser_log')}\n{output[-4000:]}"
+    return report
+
+
+@pytest.mark.e2e
+def test_browser_call_through_the_page(tmp_path):
+    report = _run_harness("call", tmp_path)
+    import speechkit
+
+    page = report["page"]
+    assert page["phase"] == "connected" and page["callId"], page
+    assert report["server"]["answer_codecs"] == ["opus/48000/2"]
+    assert report["server"]["inbound_format"] == ["s16", "stereo", 48000]
+    heard = report["server"]["transcripts"]
+    assert heard and speechkit.wer(SENTENCE, heard[0]) <= 0.25, heard
+    assert heard[0] in page["userTranscripts"]  # the page received it...
+    assert heard[0] in report["dom_transcript"]  # ...and shows it
+    assert report["server"]["reply_audio_seconds"] > 0.3
+    assert page["maxRms"] > AUDIBLE_RMS and page["audibleFrames"] >= 10, page  # the page heard the reply
+    assert not [e for e in page["errors"] if "denied" in e or "Cannot reach" in e], page["errors"]
+    assert report["server"]["calls_after_hangup"] == 0
+    assert report["server"]["close_reason"] == "hangup"
+
+
+@pytest.mark.e2e
+def test_browser_page_explains_denied_mic_dropped_call_and_server_down(tmp_path):
+    report = _run_harness("errors", tmp_path)
+    assert "Microphone access was denied" in report["mic_denied"], report
+    assert report["calls_after_denied"] == 0
+    assert "ended the call" in report["call_dropped"] or "dropped" in report["call_dropped"], report
+    assert "Cannot reach the server" in report["server_down"], report
+
+
+# ---------------------------------------------------------------------------- the harness side
+def _write_wav(path: Path, pcm: np.ndarray, rate: int = 16_000) -> None:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.clip(pcm, -1, 1) * 32767).astype("<i2").tobytes())
+
+
+def _chrome(wav: Path, profile: Path, *, deny_mic: bool = False):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    # The fake UI grants the microphone; without it, --deny-permission-prompts refuses it.
+    permission = "--deny-permission-prompts" if deny_mic else "--use-fake-ui-for-media-stream"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 permission, "--use-fake-device-for-media-stream",
+                 f"--use-file-for-fake-audio-capture={wav}%noloop",
+                 "--autoplay-policy=no-user-gesture-required", "--mute-audio",
+                 "--allow-loopback-in-peer-connection",
+                 "--disable-features=WebRtcHideLocalIpsWithMdns,Translate,MediaRouter,OptimizationHints",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-default-apps", "--disable-extensions", "--no-first-run", "--no-default-browser-check",
+                 "--metrics-recording-only", f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+
+
+class Page:
+    """The Selenium-driven page, with blocking calls moved off the event loop (the server runs on it)."""
+
+    def __init__(self, driver) -> None:
+        self.driver = driver
+        self.loop = asyncio.get_running_loop()
+
+    async def run(self, fn, *args):
+        return await self.loop.run_in_executor(None, fn, *args)
+
+    async def open(self, url: str) -> None:
+        await self.run(self.driver.get, url)
+
+    async def click(self, element_id: str) -> None:
+        await self.run(lambda: self.driver.find_element("id", element_id).click())
+
+    async def text(self, element_id: str) -> str:
+        return await self.run(lambda: self.driver.find_element("id", element_id).text)
+
+    async def state(self) -> dict:
+        return await self.run(self.driver.execute_script, "return window.fishvoice.state;")
+
+    async def until(self, predicate: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if await self.run(self.driver.execute_script, f"return Boolean({predicate});"):
+                return
+            await asyncio.sleep(0.1)
+        state = await self.state()
+        brief = json.dumps({k: v for k, v in state.items() if k not in ("events", "session")})[:1500]
+        raise TimeoutError(f"page: `{predicate}` not true within {timeout} s; state: {brief}")
+
+    async def quit(self) -> None:
+        await self.run(self.driver.quit)
+
+
+async def _load_services(workdir: Path, with_tts: bool) -> types.SimpleNamespace:
+    from engine.asr import Transcriber
+    from engine.llm.embedded import EmbeddedLLM
+    from engine.vad import SileroVAD
+
+    tts = None
+    if with_tts:
+        from engine.tiny import make_tiny_checkpoint
+        from engine.tts import TTSEngine
+
+        tts = TTSEngine.load(make_tiny_checkpoint(workdir / "tiny-s1-mini", "s1-mini", seed=0), device="cpu")
+    return types.SimpleNamespace(asr=Transcriber.load(), vad=SileroVAD.load(), llm=EmbeddedLLM.load(), tts=tts)
+
+
+async def _call_scenario(server, page: Page, report: dict) -> None:
+    """Call, speak (fake mic), see the transcript, hear the reply, hang up."""
+    t0 = time.monotonic()
+    # Cap the random tiny TTS (it never stops by itself) through the page's query passthrough.
+    await page.open(server.base_url + "/?max_new_tokens=40")
+    await page.click("call")
+    await page.until("window.fishvoice.state.phase === 'connected'", 15)
+    report["t_connected"] = round(time.monotonic() - t0, 2)
+    call = next(iter(server.calls.values()))
+    await page.until("window.fishvoice.state.userTranscripts.length > 0", 25)
+    await page.until("window.fishvoice.state.audibleFrames >= 10", 25)
+    report["t_heard_reply"] = round(time.monotonic() - t0, 2)
+    await asyncio.sleep(0.5)
+    state = await page.state()
+    report["dom_transcript"] = await page.text("transcript")
+    report["events"] = [e["type"] for e in state.pop("events")]
+    report["page"] = state
+    answer = call.pc.localDescription.sdp
+    report["server"] = {
+        "answer_codecs": [line.split(" ", 1)[1] for line in answer.splitlines() if line.startswith("a=rtpmap:")],
+        "inbound_format": list(call.inbound[0].input_format or ()),
+        "transcripts": [m["content"] for m in call.conversation.history if m["role"] == "user"],
+        "reply_audio_seconds": call.outbound.stats.audio_frames * 0.02,
+    }
+    await page.click("hangup")
+    await asyncio.wait_for(call.closed.wait(), 10)
+    report["server"]["calls_after_hangup"] = len(server.calls)
+    report["server"]["close_reason"] = call.close_reason
+
+
+async def _errors_scenario(server, wav: Path, workdir: Path, report: dict) -> None:
+    """What the page says when the mic is denied, the call drops, and the server is down."""
+    denied = Page(await asyncio.get_running_loop().run_in_executor(
+        None, lambda: _chrome(wav, workdir / "profile-denied", deny_mic=True)))
+    try:
+        await denied.open(server.base_url + "/")
+        await denied.click("call")
+        await denied.until("window.fishvoice.state.phase === 'error'", 10)
+        report["mic_denied"] = await denied.text("status")
+        report["calls_after_denied"] = len(server.calls)
+    finally:
+        await denied.quit()
+    page = Page(await asyncio.get_running_loop().run_in_executor(
+        None, lambda: _chrome(wav, workdir / "profile-errors")))
+    try:
+        await page.open(server.base_url + "/")
+        await page.click("call")
+        await page.until("window.fishvoice.state.phase === 'connected'", 15)
+        call = next(iter(server.calls.values()))
+        await call.close("server_ended")  # the server drops the call
+        await page.until("window.fishvoice.state.phase === 'ended'", 15)
+        report["call_dropped"] = await page.text("status")
+        await server.stop()  # the server goes away
+        await page.click("call")
+        await page.until("window.fishvoice.state.phase === 'error'", 15)
+        report["server_down"] = await page.text("status")
+    finally:
+        await page.quit()
+
+
+async def _harness(out: Path, workdir: Path, scenario: str) -> dict:
+    import speechkit
+    from rtc_client import LocalServer, force_loopback_ice
+
+    force_loopback_ice()  # the namespace has only lo, which aioice skips by default
+    wav = workdir / "mic.wav"
+    pcm, _ = speechkit.speech_with_gaps([1.0, SENTENCE, 3.0])
+    _write_wav(wav, pcm)
+    services = await _load_services(workdir, with_tts=scenario == "call")
+    server = await LocalServer(services, rtc_liveness_timeout=4.0).start()
+    report: dict = {"error": None}
+    page = None
+    try:
+        if scenario == "call":
+            page = Page(await asyncio.get_running_loop().run_in_executor(
+                None, lambda: _chrome(wav, workdir / "profile")))
+            await _call_scenario(server, page, report)
+        else:
+            await _errors_scenario(server, wav, workdir, report)
+    except Exception as exc:  # noqa: BLE001 - reported to the test, which prints it
+        report["error"] = f"{type(exc).__name__}: {exc}"
+        if page is not None:
+            try:
+                logs = await page.run(page.driver.get_log, "browser")
+                report["browser_log"] = [entry["message"] for entry in logs][-20:]
+            except Exception:  # noqa: BLE001
+                pass
+    finally:
+        if page is not None:
+            await page.quit()
+        await server.stop()
+        if services.tts is not None:
+            services.tts.close()
+        services.llm.close()
+    out.write_text(json.dumps(report, default=str))
+    return report
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="browser harness (run by the tests inside unshare -n)")
+    parser.add_argument("--harness", choices=["call", "errors"], required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.mkdtemp()))
+    args = parser.parse_args()
+    result = asyncio.run(_harness(args.out, args.workdir, args.harness))
+    print(json.dumps({k: v for k, v in result.items() if k != "events"}, default=str)[:3000])
