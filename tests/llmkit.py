@@ -52,7 +52,7 @@ class LlamaServer:
 
     def start(self, timeout: float = 60.0) -> LlamaServer:
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(default_gguf_path()),
-               "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", "2048", "--n_threads", "2"]
+               "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", "2048", "--n_threads", "1"]
         if self.api_key:
             cmd += ["--api_key", self.api_key]
         # A file, not a pipe: llama.cpp logs plenty, and a full pipe would stall the server.
@@ -68,11 +68,21 @@ class LlamaServer:
                 request = urllib.request.Request(f"{self.base_url}/models",
                                                  headers={"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})
                 urllib.request.urlopen(request, timeout=1).read()
+                self._warm_up()
                 return self
             except OSError:
                 time.sleep(0.1)
         self.stop()
         raise RuntimeError("llama_cpp.server did not come up in time")
+
+    def _warm_up(self) -> None:
+        """One tiny completion: llama.cpp's first one is many times slower than the rest."""
+        body = b'{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}'
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(f"{self.base_url}/chat/completions", data=body, headers=headers)
+        urllib.request.urlopen(request, timeout=60).read()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

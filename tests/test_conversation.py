@@ -99,7 +99,11 @@ async def collect_until(session, predicate, timeout: float = 20.0) -> list:
             if predicate(item):
                 return
 
-    await asyncio.wait_for(run(), timeout)
+    try:
+        await asyncio.wait_for(run(), timeout)
+    except TimeoutError:
+        seen = [(i.type, i.data) if isinstance(i, PipelineEvent) else type(i).__name__ for i in got]
+        pytest.fail(f"no matching output within {timeout} s; got {seen}")
     return got
 
 

@@ -50,7 +50,9 @@ class EmbeddedLLM:
         path = Path(gguf_path).expanduser() if gguf_path else default_gguf_path()
         if not path.is_file():
             raise LLMError(f"GGUF model file not found: {path}")
-        threads = n_threads or max(1, min(8, os.cpu_count() or 1))
+        # Half the cores (llama.cpp's own default): its threads spin-wait on each other, so
+        # oversubscribing a busy machine costs far more than one thread fewer.
+        threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
         try:
             llama = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, verbose=False)
         except Exception as exc:  # noqa: BLE001 - llama.cpp reports load failures as ValueError/RuntimeError
