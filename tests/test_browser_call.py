@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import speechkit
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -84,8 +86,6 @@ def _run_harness(scenario: str, tmp_path: Path) -> dict:
 @pytest.mark.e2e
 def test_browser_call_through_the_page(tmp_path):
     report = _run_harness("call", tmp_path)
-    import speechkit
-
     page = report["page"]
     assert page["phase"] == "connected" and page["callId"], page
     assert report["server"]["answer_codecs"] == ["opus/48000/2"]
@@ -251,7 +251,6 @@ async def _errors_scenario(server, wav: Path, workdir: Path, report: dict) -> No
 
 
 async def _harness(out: Path, workdir: Path, scenario: str) -> dict:
-    import speechkit
     from rtc_client import LocalServer, force_loopback_ice
 
     force_loopback_ice()  # the namespace has only lo, which aioice skips by default

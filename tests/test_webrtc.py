@@ -22,6 +22,7 @@ import aioice.ice
 import pytest
 
 import speechkit
+from engine.tts_types import SamplingOptions
 from rtc_client import LocalServer, RealtimeClient, force_loopback_ice
 
 QUESTION = "What is the capital of France?"
@@ -198,7 +199,7 @@ async def test_vanished_peer_is_detected_and_cleaned_up(server, models):
         call_id = json.loads(line)["location"].rsplit("/", 1)[-1]
         call = server.calls[call_id]
         await call.conversation.speak("Nobody is listening any more.",
-                                      sampling=call.conversation.sampling.__class__(max_new_tokens=LONG_FRAMES))
+                                      sampling=SamplingOptions(max_new_tokens=LONG_FRAMES))
         for _ in range(100):
             if call.outbound.stats.audio_frames:
                 break

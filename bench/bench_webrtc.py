@@ -1,0 +1,221 @@
+"""Realtime-call benchmark: what a caller experiences, measured at the client.
+
+  1. voice-to-voice latency: end of speech at the client's microphone -> first audible reply
+     frame at the client (includes VAD's end-of-turn silence, ASR, LLM, TTS, Opus, network);
+  2. data-channel TTS time to first audio: `tts.request` sent -> first audible frame received;
+  3. concurrency: how many simultaneous calls one server sustains with paced, gap-free audio
+     (every call streams microphone audio in and a TTS reply out; a call fails if its outbound
+     track ran dry mid-response or its pacing fell behind).
+
+The server runs in a child process (the real aiohttp app, `signaling.install`, real models),
+the aiortc clients in this one, on loopback. Without --checkpoint a tiny random checkpoint in
+the published layout is made (it speaks noise, and never stops on its own, so requests cap
+`max_new_tokens`).
+
+  .venv/bin/python bench/bench_webrtc.py                      # tiny checkpoint, CPU
+  .venv/bin/python bench/bench_webrtc.py --checkpoint DIR --device cuda --concurrency 1,4,16,32
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+QUESTION = "What is the capital of France?"
+TTS_TEXT = "Hello from the server."
+FRAMES_PER_SECOND = 21.5  # codec frames per second of audio (44.1 kHz / 2048)
+
+
+# ---------------------------------------------------------------------------- server (child process)
+async def serve(args: argparse.Namespace) -> None:
+    from engine.asr import Transcriber
+    from engine.llm.embedded import EmbeddedLLM
+    from engine.tts import TTSEngine
+    from engine.vad import SileroVAD
+    from rtc_client import LocalServer, force_loopback_ice
+
+    force_loopback_ice()
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        from engine.tiny import make_tiny_checkpoint
+
+        checkpoint = make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny-s1-mini", "s1-mini", seed=0)
+    tts = TTSEngine.load(checkpoint, device=args.device)
+    services = types.SimpleNamespace(asr=Transcriber.load(device="cpu"), vad=SileroVAD.load(),
+                                     llm=EmbeddedLLM.load(), tts=tts)
+    server = await LocalServer(services, max_sessions=256, rtc_liveness_timeout=15.0).start()
+    print(json.dumps({"ready": server.base_url, "checkpoint": str(checkpoint)}), flush=True)
+    await asyncio.Event().wait()
+
+
+def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, __file__, "--serve", "--device", args.device]
+    if args.checkpoint:
+        cmd += ["--checkpoint", args.checkpoint]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    line = proc.stdout.readline()  # type: ignore[union-attr]
+    if not line:
+        raise RuntimeError(f"the server process exited with {proc.wait()}")
+    return proc, json.loads(line)["ready"]
+
+
+# ---------------------------------------------------------------------------- measurements
+def median_ms(values: list[float]) -> str:
+    return f"{statistics.median(values) * 1000:.0f} ms" if values else "n/a"
+
+
+async def voice_to_voice(url: str, turns: int, frames: int) -> dict:
+    import speechkit
+    from rtc_client import RealtimeClient
+
+    pcm, _ = speechkit.speech_with_gaps([0.3, QUESTION, 1.0])
+    client = RealtimeClient(url)
+    await client.connect(query={"mode": "agent", "max_new_tokens": frames})
+    client.send({"type": "session.update", "session": {"temperature": 0.0, "max_output_tokens": 40}})
+    latencies, server_parts = [], []
+    try:
+        for _ in range(turns):
+            seen = len(client.events)
+            client.mic.play(pcm)
+            end = await client.mic.played()
+            started = await client.wait_for("output_audio_buffer.started", after=seen, timeout=60)
+            await client.wait_for("output_audio_buffer.stopped", after=seen, timeout=120)
+            first = client.sink.first_audible(after=end)
+            if first is not None:
+                latencies.append(first - end)
+            server_parts.append(started.get("latency_ms", {}))
+            await asyncio.sleep(0.5)
+    finally:
+        await client.hang_up()
+    return {"latencies": latencies, "server": server_parts}
+
+
+async def tts_first_audio(url: str, requests: int, frames: int) -> dict:
+    from rtc_client import RealtimeClient
+
+    client = RealtimeClient(url)
+    await client.connect(query={"mode": "tts"})
+    latencies, server = [], []
+    try:
+        for i in range(requests):
+            seen = len(client.events)
+            t_sent = time.monotonic()
+            client.send({"type": "tts.request", "text": TTS_TEXT, "sampling": {"max_new_tokens": frames, "seed": i}})
+            started = await client.wait_for("output_audio_buffer.started", after=seen, timeout=60)
+            await client.wait_for("output_audio_buffer.stopped", after=seen, timeout=120)
+            first = client.sink.first_audible(after=t_sent)
+            if first is not None:
+                latencies.append(first - t_sent)
+            server.append(started["latency_ms"].get("first_audio"))
+            await asyncio.sleep(0.3)
+    finally:
+        await client.hang_up()
+    return {"latencies": latencies, "server_first_audio_ms": server}
+
+
+async def concurrent_calls(url: str, calls: int, seconds: float) -> dict:
+    """`calls` callers at once, each asking for `seconds` of speech; returns per-call audio health."""
+    import aiohttp
+
+    from rtc_client import RealtimeClient
+
+    clients = [RealtimeClient(url) for _ in range(calls)]
+    await asyncio.gather(*(c.connect(query={"mode": "tts"}) for c in clients))
+    frames = int(seconds * FRAMES_PER_SECOND)
+    t0 = time.monotonic()
+    for i, client in enumerate(clients):
+        client.send({"type": "tts.request", "text": "This call measures how many callers one server can serve.",
+                     "sampling": {"max_new_tokens": frames, "seed": i}})
+    try:
+        done = await asyncio.gather(*(c.wait_for("response.done", timeout=60 + 4 * seconds * calls)
+                                      for c in clients))
+        await asyncio.gather(*(c.wait_for("output_audio_buffer.stopped", timeout=60) for c in clients))
+        await asyncio.sleep(0.3)
+        stats = []
+        async with aiohttp.ClientSession() as http:
+            for client in clients:
+                async with http.get(url + client.location) as resp:
+                    stats.append((await resp.json())["outbound"])
+    finally:
+        await asyncio.gather(*(c.hang_up() for c in clients), return_exceptions=True)
+    ttfa = [c.sink.first_audible(after=t0) - t0 for c in clients if c.sink.first_audible(after=t0)]
+    spans = []
+    for client, d in zip(clients, done):
+        first, last = client.sink.first_audible(after=t0), client.sink.last_audible()
+        if first and last and d["audio_seconds"]:
+            spans.append((last - first + 0.02) / d["audio_seconds"])
+    underruns = sum(s["underruns"] for s in stats)
+    late = sum(s["late_frames"] for s in stats)
+    return {"calls": calls, "ttfa": ttfa, "underrun_frames": underruns, "late_frames": late,
+            "max_lateness_ms": max(s["max_lateness_ms"] for s in stats),
+            "stretch": max(spans) if spans else None, "audio_seconds": [d["audio_seconds"] for d in done],
+            "ok": underruns == 0 and late == 0 and all(d["response"]["status"] == "completed" for d in done)}
+
+
+# ---------------------------------------------------------------------------- main
+async def run(args: argparse.Namespace, url: str) -> None:
+    from rtc_client import force_loopback_ice
+
+    force_loopback_ice()
+    print(f"server: {url} (checkpoint: {args.checkpoint or 'tiny random s1-mini'}, device {args.device})")
+    v2v = await voice_to_voice(url, args.turns, args.frames)
+    print(f"voice-to-voice (end of speech -> first reply audio, at the client): median "
+          f"{median_ms(v2v['latencies'])} over {len(v2v['latencies'])} turns "
+          f"[{', '.join(f'{x * 1000:.0f}' for x in v2v['latencies'])} ms]")
+    print(f"  server side, from VAD end of turn: {v2v['server']}")
+    tts = await tts_first_audio(url, args.tts_requests, args.frames)
+    print(f"data-channel TTS (tts.request sent -> first audio, at the client): median {median_ms(tts['latencies'])} "
+          f"[{', '.join(f'{x * 1000:.0f}' for x in tts['latencies'])} ms]; server first audio "
+          f"{tts['server_first_audio_ms']} ms")
+    sustained = 0
+    print(f"concurrent calls, {args.seconds:.0f} s of speech each (paced, gap-free = no underrun or late frame):")
+    for calls in args.concurrency:
+        result = await concurrent_calls(url, calls, args.seconds)
+        stretch = f"{result['stretch']:.2f}" if result["stretch"] else "n/a"
+        print(f"  {calls:3d} calls: first audio median {median_ms(result['ttfa'])}, underrun frames "
+              f"{result['underrun_frames']}, late frames {result['late_frames']} (max lateness "
+              f"{result['max_lateness_ms']:.0f} ms), playback/audio span {stretch} -> "
+              f"{'OK' if result['ok'] else 'NOT sustained'}")
+        if not result["ok"]:
+            break
+        sustained = calls
+    print(f"sustained with paced, gap-free audio: {sustained} concurrent calls")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", help="checkpoint directory (default: a tiny random s1-mini)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--turns", type=int, default=3)
+    parser.add_argument("--tts-requests", type=int, default=5)
+    parser.add_argument("--frames", type=int, default=43, help="max_new_tokens per request (43 = 2 s of audio)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="speech per call in the concurrency test")
+    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 12, 16])
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        asyncio.run(serve(args))
+        return
+    proc, url = start_server(args)
+    try:
+        asyncio.run(run(args, url))
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    main()
