@@ -5,8 +5,8 @@ whole-utterance pass does; with one it prepends the tail of the previous call's 
 so decoding in pieces gives the same samples as decoding at once.
 
 Weight norm keeps the published parameter names (torch's `parametrizations.weight.original0/1`)
-but the effective weight `g·v/‖v‖` is folded once into a buffer by `fold_weight_norm` rather than
-recomputed on every call.
+but the effective weight `g·v/‖v‖` is folded once into a buffer by `fold()` (Codec.fold_weight_norm)
+rather than recomputed on every call.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ class _FoldedWeight(nn.Module):
     def _init_fold(self) -> None:
         self.register_buffer("folded_weight", None, persistent=False)
 
-    def fold_weight_norm(self) -> None:
+    def fold(self) -> None:
         if parametrize.is_parametrized(self.conv, "weight"):
             self.folded_weight = self.conv.weight.detach()
 
@@ -128,12 +128,20 @@ class Snake1d(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.alpha = nn.Parameter(torch.ones(1, channels, 1))
+        self.register_buffer("inv_alpha", None, persistent=False)
+
+    def fold(self) -> None:
+        self.inv_alpha = (self.alpha.detach() + 1e-9).reciprocal()
+
+    def clear_folded(self) -> None:
+        self.inv_alpha = None
 
     def forward(self, x: Tensor) -> Tensor:
+        inv_alpha = self.inv_alpha if self.inv_alpha is not None else (self.alpha + 1e-9).reciprocal()
         # same arithmetic as x + (1/(α+1e-9))·sin(αx)², but in place on one buffer: these
         # tensors are the largest in the decoder and each extra pass costs memory bandwidth
         y = torch.mul(x, self.alpha).sin_()
-        return y.mul_(y).mul_((self.alpha + 1e-9).reciprocal()).add_(x)
+        return y.mul_(y).mul_(inv_alpha).add_(x)
 
 
 class ResidualUnit(nn.Module):

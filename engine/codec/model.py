@@ -129,13 +129,14 @@ class Codec(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.decoder.model[0].conv.bias.dtype
 
-    # --- weight norm folding
+    # --- per-call constants computed once
     def fold_weight_norm(self) -> Codec:
-        """Compute every weight-normed weight (and the fused VQ decode tables) once. Done by
-        `load_codec`; call again after editing parameters in place."""
+        """Compute every weight-normed weight g·v/‖v‖, Snake's 1/α and the fused VQ decode
+        tables once. Done by `load_codec` (and lazily by encode/decode); call again after
+        editing parameters in place. Loading a state dict clears them."""
         for module in self.modules():
-            if module is not self and hasattr(module, "fold_weight_norm"):
-                module.fold_weight_norm()
+            if module is not self and hasattr(module, "fold"):
+                module.fold()
         self._folded = True
         return self
 

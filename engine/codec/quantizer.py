@@ -4,7 +4,7 @@ Encode: downsample (×4 fewer frames) -> pre_module -> semantic VQ stage(s) -> r
 Decode: sum of per-stage `out_proj(codebook[code])` -> post_module -> upsample (×4 frames).
 
 Each VQ stage is factorised (1×1 projection to an 8-dim space) with an L2-normalised lookup.
-For decoding, the per-stage projections are fused once (`fold_weight_norm`) into one gather and
+For decoding, the per-stage projections are fused once (`fold`) into one gather and
 one matmul over all stages.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ class WNPointwiseConv(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_channels))
         self.register_buffer("folded_weight", None, persistent=False)
 
-    def fold_weight_norm(self) -> None:
+    def fold(self) -> None:
         with torch.no_grad():
             v = self.weight_v
             self.folded_weight = v * (self.weight_g / torch.linalg.vector_norm(v, dim=(1, 2), keepdim=True))
@@ -117,7 +117,7 @@ class DownsampleQuantizer(nn.Module):
                            ConvNeXtBlock(dim, cfg.convnext_kernel, cfg.convnext_mlp_ratio)])
             for f in reversed(cfg.quantizer_downsample))
         self.n_semantic = cfg.semantic_codebooks
-        # fused decode tables (fold_weight_norm): every stage's codebook stacked, and every
+        # fused decode tables (fold): every stage's codebook stacked, and every
         # stage's out_proj side by side, so decoding is one gather and one matmul
         self.register_buffer("stacked_codebooks", None, persistent=False)
         self.register_buffer("code_offsets", None, persistent=False)
@@ -134,7 +134,7 @@ class DownsampleQuantizer(nn.Module):
     def stages(self) -> list[VectorQuantizer]:
         return [*self.semantic_quantizer.quantizers, *self.quantizer.quantizers]
 
-    def fold_weight_norm(self) -> None:
+    def fold(self) -> None:
         stages = self.stages
         with torch.no_grad():
             self.stacked_codebooks = torch.cat([s.codebook.weight for s in stages])
@@ -159,7 +159,7 @@ class DownsampleQuantizer(nn.Module):
     def dequantize(self, codes: Tensor, state: StreamState | None = None) -> Tensor:
         """Codes (B, K, T), already clamped -> decoder input (B, D, T · downsampling)."""
         if self.fused_out_weight is None:
-            self.fold_weight_norm()
+            self.fold()
         b, k, t = codes.shape
         rows = codes + self.code_offsets.view(1, k, 1)
         vectors = F.embedding(rows.transpose(1, 2), self.stacked_codebooks)  # (B, T, K, codebook_dim)

@@ -7,6 +7,7 @@ keys/values, so it reproduces a whole-utterance pass exactly.
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import torch
@@ -41,41 +42,50 @@ def rope_table(start: int, length: int, head_dim: int, base: float, device: torc
 
 
 def apply_rope(x: Tensor, table: Tensor) -> Tensor:
-    """x (B, T, H, D), table (T, D/2, 2): rotate pairs (2m, 2m+1) in fp32, cast back."""
+    """x (B, T, ..., D), table (T, D/2, 2): rotate pairs (2m, 2m+1) in fp32, cast back."""
     xf = x.float().reshape(*x.shape[:-1], -1, 2)
-    t = table.view(1, xf.shape[1], 1, xf.shape[3], 2)
+    t = table.view(1, xf.shape[1], *([1] * (xf.dim() - 4)), xf.shape[-2], 2)
     cos, sin = t[..., 0], t[..., 1]
     x0, x1 = xf[..., 0], xf[..., 1]
-    return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(3).type_as(x)
+    return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2).type_as(x)
 
 
-def window_mask(q_start: int, q_len: int, k_start: int, k_len: int, window: int, device: torch.device) -> Tensor:
-    q = torch.arange(q_start, q_start + q_len, device=device)[:, None]
-    k = torch.arange(k_start, k_start + k_len, device=device)[None, :]
-    return (k <= q) & (k > q - window)
+@dataclasses.dataclass(frozen=True)
+class AttentionBlock:
+    """Queries [q0, q1) attend keys [k0, k1) (indices into this call's query / key tensors)
+    under `mask` (None: all allowed)."""
+
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+    mask: Tensor | None
 
 
-def windowed_attention(q: Tensor, k: Tensor, v: Tensor, q_start: int, k_start: int, window: int) -> Tensor:
-    """Causal attention limited to `window` keys. q (B, H, n, D) sits at absolute positions
-    q_start…; k/v (B, H, m, D) at k_start… and end with the last query. Long inputs go in query
-    blocks of `window` so memory is O(n·window), not O(n²)."""
-    n = q.shape[2]
-    if n == 1 and k.shape[2] <= window:
-        return F.scaled_dot_product_attention(q, k, v)
-    block = max(window, 1)
-    if n <= block:
-        lo = max(0, q_start - window + 1 - k_start)
-        mask = window_mask(q_start, n, k_start + lo, k.shape[2] - lo, window, q.device)
-        return F.scaled_dot_product_attention(q, k[:, :, lo:], v[:, :, lo:], attn_mask=mask)
-    outs = []
-    for a in range(0, n, block):
-        b = min(n, a + block)
-        q0 = q_start + a
-        lo = max(0, q0 - window + 1 - k_start)
+def plan_attention(q_start: int, n: int, k_start: int, window: int, device: torch.device) -> list[AttentionBlock]:
+    """How n queries at absolute positions q_start… attend keys at k_start … q_start+n-1 with a
+    causal window: in query blocks of `window`, so memory is O(n·window) rather than O(n²).
+    The same plan serves every layer of one call."""
+    if n == 1 and q_start - k_start < window:
+        return [AttentionBlock(0, 1, 0, q_start - k_start + 1, None)]
+    blocks = []
+    for a in range(0, n, window):
+        b = min(n, a + window)
+        lo = max(0, q_start + a - window + 1 - k_start)
         hi = q_start + b - k_start
-        mask = window_mask(q0, b - a, k_start + lo, hi - lo, window, q.device)
-        outs.append(F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi], attn_mask=mask))
-    return torch.cat(outs, dim=2)
+        q = torch.arange(q_start + a, q_start + b, device=device)[:, None]
+        k = torch.arange(k_start + lo, k_start + hi, device=device)[None, :]
+        blocks.append(AttentionBlock(a, b, lo, hi, (k <= q) & (k > q - window)))
+    return blocks
+
+
+def windowed_attention(q: Tensor, k: Tensor, v: Tensor, plan: list[AttentionBlock]) -> Tensor:
+    """q (B, H, n, D), k/v (B, H, m, D) -> (B, H, n, D) following `plan`."""
+    if len(plan) == 1 and plan[0].q0 == 0 and plan[0].q1 == q.shape[2]:
+        p = plan[0]
+        return F.scaled_dot_product_attention(q, k[:, :, p.k0:p.k1], v[:, :, p.k0:p.k1], attn_mask=p.mask)
+    return torch.cat([F.scaled_dot_product_attention(q[:, :, p.q0:p.q1], k[:, :, p.k0:p.k1], v[:, :, p.k0:p.k1],
+                                                     attn_mask=p.mask) for p in plan], dim=2)
 
 
 class RMSNorm(nn.Module):
@@ -119,20 +129,18 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(shape.dim, 3 * inner, bias=False)
         self.wo = nn.Linear(inner, shape.dim, bias=False)
 
-    def forward(self, x: Tensor, rope: Tensor, start: int, state: StreamState | None) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, plan: list[AttentionBlock], state: StreamState | None) -> Tensor:
         b, t, _ = x.shape
-        q, k, v = self.wqkv(x).view(b, t, 3, self.n_heads, self.head_dim).unbind(2)
-        q, k = apply_rope(q, rope).transpose(1, 2), apply_rope(k, rope).transpose(1, 2)
-        v = v.transpose(1, 2)
-        k_start = start
+        qkv = self.wqkv(x).view(b, t, 3, self.n_heads, self.head_dim)
+        q, k = apply_rope(qkv[:, :, :2], rope).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D) each
+        v = qkv[:, :, 2].transpose(1, 2)
         if state is not None:
             cached = state.get(self)
             if cached is not None:
                 k, v = torch.cat([cached[0], k], dim=2), torch.cat([cached[1], v], dim=2)
-                k_start = start - cached[0].shape[2]
             keep = min(self.window - 1, k.shape[2])
             state.set(self, (k[:, :, k.shape[2] - keep:], v[:, :, v.shape[2] - keep:]))
-        y = windowed_attention(q, k, v, start, k_start, self.window)
+        y = windowed_attention(q, k, v, plan)
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -146,8 +154,8 @@ class TransformerBlock(nn.Module):
         self.attention_layer_scale = LayerScale(shape.dim)
         self.ffn_layer_scale = LayerScale(shape.dim)
 
-    def forward(self, x: Tensor, rope: Tensor, start: int, state: StreamState | None) -> Tensor:
-        h = x + self.attention_layer_scale(self.attention(self.attention_norm(x), rope, start, state))
+    def forward(self, x: Tensor, rope: Tensor, plan: list[AttentionBlock], state: StreamState | None) -> Tensor:
+        h = x + self.attention_layer_scale(self.attention(self.attention_norm(x), rope, plan, state))
         return h + self.ffn_layer_scale(self.feed_forward(self.ffn_norm(h)))
 
 
@@ -163,9 +171,12 @@ class WindowLimitedTransformer(nn.Module):
     def forward(self, x: Tensor, state: StreamState | None = None) -> Tensor:
         start = 0 if state is None else state.get(self, 0)
         h = x.transpose(1, 2)
-        rope = rope_table(start, h.shape[1], self.shape.head_dim, self.shape.rope_base, h.device)
+        n = h.shape[1]
+        rope = rope_table(start, n, self.shape.head_dim, self.shape.rope_base, h.device)
+        # every layer has cached the last min(window-1, start) keys of earlier calls
+        plan = plan_attention(start, n, start - min(self.shape.window - 1, start), self.shape.window, h.device)
         for layer in self.layers:
-            h = layer(h, rope, start, state)
+            h = layer(h, rope, plan, state)
         if state is not None:
-            state.set(self, start + h.shape[1])
+            state.set(self, start + n)
         return self.norm(h).transpose(1, 2)
