@@ -36,7 +36,8 @@ class StreamState:
         if tail is None:
             tail = x.new_zeros(x.shape[0], x.shape[1], size)
         full = torch.cat([tail, x], dim=-1)
-        self._items[owner] = full[..., full.shape[-1] - size:]
+        # a copy, so the (possibly large) input is not kept alive between calls
+        self._items[owner] = full[..., full.shape[-1] - size:].clone()
         return full
 
 

@@ -16,14 +16,15 @@ from torch import Tensor
 from .config import WN_NEW, WN_OLD, CodecConfig
 from .errors import CodecCheckpointError
 from .model import Codec
+from .transformer import WindowLimitedTransformer
 
 STALE_BUFFERS = ("freqs_cis", "causal_mask")
 _LIST_LIMIT = 12
 
 
 def read_state_dict(source: str | os.PathLike[str] | Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The published tensors of a codec file or mapping: unwrapped, prefix-stripped, stale
-    buffers dropped."""
+    """The tensors of a codec file or mapping, unwrapped from `state_dict` and stripped of a
+    `generator.` prefix."""
     if isinstance(source, Mapping):
         state = source
     else:
@@ -43,13 +44,18 @@ def read_state_dict(source: str | os.PathLike[str] | Mapping[str, Tensor]) -> di
         state = state["state_dict"]
     if any(k.startswith("generator.") for k in state):
         state = {k[len("generator."):]: v for k, v in state.items() if k.startswith("generator.")}
-    out = {}
     for key, value in state.items():
         if not isinstance(value, Tensor):
             raise CodecCheckpointError(f"codec entry {key!r} is a {type(value).__name__}, not a tensor")
-        if key.rsplit(".", 1)[-1] not in STALE_BUFFERS:
-            out[key] = value
-    return out
+    return dict(state)
+
+
+def _drop_stale_buffers(state: Mapping[str, Tensor], codec: Codec) -> dict[str, Tensor]:
+    """Drop the RoPE tables / masks an older code version stored, but only where this model has
+    a transformer: anywhere else such a key is unexpected."""
+    transformers = {name for name, m in codec.named_modules() if isinstance(m, WindowLimitedTransformer)}
+    return {k: v for k, v in state.items()
+            if not (k.rpartition(".")[2] in STALE_BUFFERS and k.rpartition(".")[0] in transformers)}
 
 
 def _respell_weight_norm(state: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -88,7 +94,7 @@ def load_codec(source: str | os.PathLike[str] | Mapping[str, Tensor], device: st
     with torch.device("meta"):
         codec = Codec(config)
     expected = codec.state_dict()
-    state = _respell_weight_norm(state, expected)
+    state = _respell_weight_norm(_drop_stale_buffers(state, codec), expected)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:

@@ -101,8 +101,11 @@ class Codec(nn.Module):
         self.quantizer = DownsampleQuantizer(config)
         self.decoder = Decoder(config)
         self._folded = False
-        # loading new weights makes folded copies stale
-        self.register_load_state_dict_post_hook(lambda module, _incompatible: module.clear_folded())
+        self.register_load_state_dict_post_hook(Codec._after_load)
+
+    @staticmethod
+    def _after_load(module: Codec, _incompatible) -> None:
+        module.clear_folded()  # folded copies of the old weights are stale now
 
     # --- facts callers need
     @property
