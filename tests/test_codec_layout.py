@@ -134,3 +134,5 @@ def test_config_is_read_back_from_other_sizes():
     assert cfg.encoder_strides == (2, 4, 8, 8) and cfg.decoder_strides == (8, 8, 4, 2) and cfg.hop_length == 2048
     # what the weights cannot say can be overridden
     assert CodecConfig.from_state_dict(state, quantizer_window=16).quantizer_window == 16
+    with pytest.raises(TypeError, match="quantiser_window"):
+        CodecConfig.from_state_dict(state, quantiser_window=16)

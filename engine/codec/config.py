@@ -111,6 +111,9 @@ class CodecConfig:
     def from_state_dict(cls, state: Mapping[str, Tensor], **overrides) -> CodecConfig:
         """Derive every size from tensor shapes; `overrides` set what weights cannot say
         (head_dim, windows, sample_rate, rope_base, norm_eps, residual_dilations)."""
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown codec setting(s): {', '.join(sorted(unknown))}")
         shapes = {k: tuple(v.shape) for k, v in state.items()}
         try:
             found = _infer(shapes)

@@ -51,7 +51,8 @@ class _FoldedWeight(nn.Module):
 
     def fold(self) -> None:
         if parametrize.is_parametrized(self.conv, "weight"):
-            self.folded_weight = self.conv.weight.detach()
+            with torch.no_grad():
+                self.folded_weight = self.conv.weight
 
     def clear_folded(self) -> None:
         self.folded_weight = None

@@ -116,7 +116,6 @@ class DownsampleQuantizer(nn.Module):
             nn.ModuleList([CausalConvTranspose1d(dim, dim, f, stride=f, weight_normed=False),
                            ConvNeXtBlock(dim, cfg.convnext_kernel, cfg.convnext_mlp_ratio)])
             for f in reversed(cfg.quantizer_downsample))
-        self.n_semantic = cfg.semantic_codebooks
         # fused decode tables (fold): every stage's codebook stacked, and every
         # stage's out_proj side by side, so decoding is one gather and one matmul
         self.register_buffer("stacked_codebooks", None, persistent=False)
