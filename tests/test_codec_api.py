@@ -25,7 +25,8 @@ def _codes(frames: int, seed: int = 0) -> torch.Tensor:
 def _speechlike(samples: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     t = torch.arange(samples) / 44100
-    return 0.4 * torch.sin(2 * math.pi * 180 * t) * torch.sin(2 * math.pi * 2.1 * t) + 0.03 * torch.randn(samples, generator=g)
+    tone = 0.4 * torch.sin(2 * math.pi * 180 * t) * torch.sin(2 * math.pi * 2.1 * t)
+    return tone + 0.03 * torch.randn(samples, generator=g)
 
 
 @pytest.mark.parametrize("samples", [1, 2047, 2048, 2049, 44100])
