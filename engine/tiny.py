@@ -99,6 +99,10 @@ def make_tiny_checkpoint(out_dir: str | Path, family: Family = "s1-mini", seed: 
 
     config = parse_config(raw).with_semantic_ids(ids["semantic_begin_id"], ids["semantic_end_id"])
     model = init_random_weights(DualARTransformer(config), seed, std=0.5)
+    with torch.no_grad():
+        # Random weights would emit <|im_end|> at unpredictable points; a small head row keeps
+        # tiny models speaking until max_new_tokens, so tests decide utterance lengths.
+        model.head_weight()[ids["im_end_id"]] *= 0.05
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if family == "s1-mini":
         torch.save(state, out / "model.pth")
