@@ -67,19 +67,26 @@ class SpeechSource(MediaStreamTrack):
         self._start: float | None = None
         self._pts = 0
         self.t_speech_end: float | None = None  # monotonic time the last queued sample went out
+        self.t_voice_end: float | None = None  # ... and the last loud one (the end of the words)
+        self._voice_left = 0  # samples still to send up to and including the last loud one
         self._drained = asyncio.Event()
         self._drained.set()
 
-    def play(self, pcm: np.ndarray, rate: int = 16_000) -> None:
-        self._pending = np.concatenate([self._pending, to_48k(pcm, rate)])
-        self.t_speech_end = None
+    def play(self, pcm: np.ndarray, rate: int = 16_000, level: float = 0.01) -> None:
+        audio = to_48k(pcm, rate)
+        loud = np.flatnonzero(np.abs(audio) > level * 32767)
+        if loud.size:
+            self._voice_left = self._pending.size + int(loud[-1]) + 1
+        self._pending = np.concatenate([self._pending, audio])
+        self.t_speech_end = self.t_voice_end = None
         self._drained.clear()
 
     async def played(self) -> float:
-        """Wait until everything queued went out; returns when the last sample did."""
+        """Wait until everything queued went out; returns when the last *loud* sample did
+        (the end of speech as a listener would mark it, not the end of trailing silence)."""
         await self._drained.wait()
         assert self.t_speech_end is not None
-        return self.t_speech_end
+        return self.t_voice_end if self.t_voice_end is not None else self.t_speech_end
 
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
@@ -93,6 +100,9 @@ class SpeechSource(MediaStreamTrack):
             if wait > 0:
                 await asyncio.sleep(wait)
         chunk = np.zeros(FRAME, np.int16)
+        if 0 < self._voice_left <= FRAME:
+            self.t_voice_end = time.monotonic() + self._voice_left / RATE
+        self._voice_left = max(0, self._voice_left - FRAME)
         if self._pending.size:
             n = min(FRAME, self._pending.size)
             chunk[:n] = self._pending[:n]
