@@ -37,7 +37,8 @@ class OutboundStats:
     frames: int = 0  # frames handed to the encoder
     audio_frames: int = 0  # frames that carried response audio
     underruns: int = 0  # silent frames in the middle of a response (audio arrived too late)
-    late_frames: int = 0  # frames produced more than one frame period behind the wall clock
+    late_frames: int = 0  # frames produced more than one frame period (20 ms) behind the wall clock
+    late_frames_60ms: int = 0  # ... more than 60 ms behind: beyond what a receiver's jitter buffer hides
     max_lateness_ms: float = 0.0
     reanchors: int = 0  # times the pacing clock was re-anchored after a stall
     cleared_seconds: float = 0.0  # queued audio dropped by barge-in / cancel
@@ -156,6 +157,8 @@ class OutboundAudioTrack(MediaStreamTrack):
         self.stats.max_lateness_ms = max(self.stats.max_lateness_ms, lateness * 1000.0)
         if lateness > FRAME_SECONDS:
             self.stats.late_frames += 1
+        if lateness > 3 * FRAME_SECONDS:
+            self.stats.late_frames_60ms += 1
         if lateness > MAX_LAG_SECONDS:
             self._start = now - self._pts / OUTPUT_RATE
             self.stats.reanchors += 1
