@@ -36,6 +36,7 @@ ROOT = HERE.parent
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 SENTENCE = "What is the capital of France?"
+TTS_TEXT = "Hello from the server."
 AUDIBLE_RMS = 0.01
 
 
@@ -96,6 +97,10 @@ def test_browser_call_through_the_page(tmp_path):
     assert heard[0] in report["dom_transcript"]  # ...and shows it
     assert report["server"]["reply_audio_seconds"] > 0.3
     assert page["maxRms"] > AUDIBLE_RMS and page["audibleFrames"] >= 10, page  # the page heard the reply
+    latency = page["latency"]  # the readout: end of speech -> first audio, server side and as heard
+    assert 0 < latency["server_first_audio_ms"] < latency["heard_ms"] < 10_000, latency
+    assert 0 < latency["tts_server_first_audio_ms"] < latency["tts_heard_ms"] < 10_000, latency
+    assert TTS_TEXT in page["agentTranscripts"]  # the TTS box's text, spoken and shown
     assert not [e for e in page["errors"] if "denied" in e or "Cannot reach" in e], page["errors"]
     assert report["server"]["calls_after_hangup"] == 0
     assert report["server"]["close_reason"] == "hangup"
@@ -202,7 +207,12 @@ async def _call_scenario(server, page: Page, report: dict) -> None:
     await page.until("window.fishvoice.state.userTranscripts.length > 0", 25)
     await page.until("window.fishvoice.state.audibleFrames >= 10", 25)
     report["t_heard_reply"] = round(time.monotonic() - t0, 2)
-    await asyncio.sleep(0.5)
+    await page.until("window.fishvoice.state.latency.heard_ms > 0", 10)
+    # The TTS box: the typed text is spoken on the call's audio track.
+    await page.run(lambda: page.driver.find_element("id", "tts-text").send_keys(TTS_TEXT))
+    await page.click("tts-speak")
+    await page.until("window.fishvoice.state.latency.tts_heard_ms > 0", 20)
+    await page.until(f"window.fishvoice.state.agentTranscripts.includes({json.dumps(TTS_TEXT)})", 20)
     state = await page.state()
     report["dom_transcript"] = await page.text("transcript")
     report["events"] = [e["type"] for e in state.pop("events")]

@@ -29,9 +29,13 @@ let analyser = null;
 let meterTimer = null;
 let pingTimer = null;
 let hangingUp = false;
-let pendingTurn = null;   // performance.now() at speech_stopped, until audio is heard
-let pendingTts = null;    // performance.now() at a tts.request, until audio is heard
+// Latency clocks: started at the end of the user's speech (speech_stopped) or at a TTS request,
+// armed when the server starts that response's audio (so the tail of an earlier reply does not
+// count), stopped by the first audible 20 ms of received audio.
+let pendingTurn = null;   // {t, armed}
+let pendingTts = null;    // {t, armed}
 const agentLines = new Map();  // response id -> <li>
+const responseKinds = new Map();  // response id -> "agent" | "tts"
 
 // ------------------------------------------------------------------ small helpers
 function setStatus(text, kind = "idle") {
@@ -276,13 +280,13 @@ function attachRemoteAudio(stream) {
     if (rms <= AUDIBLE_RMS) return;
     state.audibleFrames += 1;
     const now = performance.now();
-    if (pendingTurn != null) {
-      state.latency.heard_ms = now - pendingTurn;
+    if (pendingTurn && pendingTurn.armed) {
+      state.latency.heard_ms = now - pendingTurn.t;
       showLatency("lat-client", state.latency.heard_ms);
       pendingTurn = null;
     }
-    if (pendingTts != null) {
-      state.latency.tts_heard_ms = now - pendingTts;
+    if (pendingTts && pendingTts.armed) {
+      state.latency.tts_heard_ms = now - pendingTts.t;
       showLatency("lat-tts", state.latency.tts_heard_ms);
       pendingTts = null;
     }
@@ -301,7 +305,7 @@ function onEvent(e) {
       setStatus("Listening…", "ok");
       break;
     case "input_audio_buffer.speech_stopped":
-      pendingTurn = performance.now();
+      pendingTurn = { t: performance.now(), armed: false };
       setStatus("Thinking…", "busy");
       break;
     case "conversation.item.input_audio_transcription.completed":
@@ -318,8 +322,9 @@ function onEvent(e) {
       }
       break;
     case "response.created": {
-      const kind = e.response && e.response.kind === "tts" ? "agent (TTS)" : "agent";
-      agentLines.set(e.response_id, addLine("agent", "…", kind));
+      const tts = e.response && e.response.kind === "tts";
+      responseKinds.set(e.response_id, tts ? "tts" : "agent");
+      agentLines.set(e.response_id, addLine("agent", "…", tts ? "agent (TTS)" : "agent"));
       break;
     }
     case "response.output_audio_transcript.delta": {
@@ -337,12 +342,17 @@ function onEvent(e) {
     }
     case "output_audio_buffer.started": {
       const lat = e.latency_ms || {};
-      if (lat.first_audio != null) {
+      if (responseKinds.get(e.response_id) === "tts") {
+        if (pendingTts) pendingTts.armed = true;
+        state.latency.tts_server_first_audio_ms = lat.first_audio;
+        showLatency("lat-tts-server", lat.first_audio);
+      } else if (lat.transcript != null) {  // a reply to a spoken turn (latency counts from its end)
+        if (pendingTurn) pendingTurn.armed = true;
         state.latency.server_first_audio_ms = lat.first_audio;
         showLatency("lat-server", lat.first_audio);
+        const parts = [lat.transcript, lat.first_token].map((v) => (v == null ? "–" : Math.round(v) + " ms"));
+        $("lat-parts").textContent = parts.join(" / ");
       }
-      const parts = [lat.transcript, lat.first_token].map((v) => (v == null ? "–" : Math.round(v) + " ms"));
-      $("lat-parts").textContent = parts.join(" / ");
       setStatus("Speaking…", "ok");
       break;
     }
@@ -384,7 +394,7 @@ function sendText(ev) {
   if (!text) return;
   send({ type: "conversation.item.create", item: { type: "message", role: "user", content: [{ type: "input_text", text }] } });
   send({ type: "response.create" });
-  if (selectedMode() === "tts") pendingTts = performance.now();
+  if (selectedMode() === "tts") pendingTts = { t: performance.now(), armed: false };
   $("text-input").value = "";
 }
 
@@ -393,7 +403,7 @@ function speakText() {
   if (!text) { setStatus("Type something to speak first.", "busy"); return; }
   const event = { type: "tts.request", text };
   if ($("voice").value) event.voice = $("voice").value;
-  pendingTts = performance.now();
+  pendingTts = { t: performance.now(), armed: false };
   send(event);
 }
 
