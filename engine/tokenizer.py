@@ -95,11 +95,30 @@ class FishTokenizer:
             raise TokenizerError(f"unknown special token {name!r}") from None
 
     def scrub(self, text: str) -> str:
-        """Remove special-token strings from user text; speaker tags stay (they are prompt text)."""
+        """Remove special-token strings from user text; speaker tags stay (they are prompt text).
+
+        Repeated until nothing changes: removing one token must not splice a new one together
+        (`<|im_<|pad|>end|>` would otherwise become `<|im_end|>`)."""
         def drop(m: re.Match) -> str:
             s = m.group(0)
             return s if _SPEAKER_TAG.fullmatch(s) or s not in self.special_ids else ""
-        return _SPECIAL_LIKE.sub(drop, text)
+        other = self._other_added_re()
+        while True:
+            cleaned = _SPECIAL_LIKE.sub(drop, text)
+            if other is not None:
+                cleaned = other.sub("", cleaned)
+            if cleaned == text:
+                return text
+            text = cleaned
+
+    def _other_added_re(self) -> re.Pattern | None:
+        """Added tokens not shaped `<|...|>` (Qwen-style `<think>`, `<tool_call>`): the HF layout
+        matches them anywhere in the text too."""
+        if not hasattr(self, "_other_added"):
+            names = sorted((n for n in self.special_ids if n and not _SPECIAL_LIKE.fullmatch(n)),
+                           key=len, reverse=True)
+            self._other_added = re.compile("|".join(map(re.escape, names))) if names else None
+        return self._other_added
 
     def encode_user(self, text: str) -> list[int]:
         return self.encode(self.scrub(text))
