@@ -12,28 +12,61 @@ _CURRENCY = {"$": ("dollar", "dollars", "cent", "cents"), "€": ("euro", "euros
 _SYMBOLS = [("&", " and "), ("+", " plus "), ("@", " at "), ("°C", " degrees Celsius"), ("°F", " degrees Fahrenheit"),
             ("°", " degrees"), ("=", " equals ")]
 _NUM = r"\d+(?:,\d{3})*(?:\.\d+)?"
+_MAX_WORD_DIGITS = 15  # longer digit runs are codes or ids: read digit by digit
+
+
+def _digits(digits: str) -> str:
+    return " ".join(num2words(int(d)) for d in digits)
+
+
+def _integer(digits: str) -> str:
+    if len(digits) > _MAX_WORD_DIGITS and "," not in digits:
+        return _digits(digits)
+    try:
+        return num2words(int(digits.replace(",", "")))
+    except OverflowError:  # beyond num2words' largest named power
+        return _digits(digits.replace(",", ""))
 
 
 def _number(token: str) -> str:
-    value = token.replace(",", "")
-    return num2words(float(value) if "." in value else int(value))
+    # The fraction is read digit by digit from the text, never through a float: 2.0 stays
+    # "two point zero" and long numbers keep their digits.
+    whole, _, frac = token.partition(".")
+    words = _integer(whole)
+    return f"{words} point {_digits(frac)}" if frac else words
 
 
 def _money(m: re.Match) -> str:
     one, many, sub_one, sub_many = _CURRENCY[m.group(1)]
     whole, _, frac = m.group(2).replace(",", "").partition(".")
-    words = f"{num2words(int(whole))} {one if int(whole) == 1 else many}"
-    if frac and int(frac[:2].ljust(2, "0")):
-        cents = int(frac[:2].ljust(2, "0"))
-        words += f" and {num2words(cents)} {sub_one if cents == 1 else sub_many}"
+    units = int(whole or "0")
+    cents = int(frac[:2].ljust(2, "0")) if frac else 0
+    words = f"{_integer(whole or '0')} {one if units == 1 else many}"
+    if cents:
+        cent_words = f"{num2words(cents)} {sub_one if cents == 1 else sub_many}"
+        words = f"{words} and {cent_words}" if units else cent_words
     return words
 
 
 def _time(m: re.Match) -> str:
     h, mins = int(m.group(1)), int(m.group(2))
+    if h > 24 or mins > 59:  # not a clock time (a score, a ratio): numbers are read one by one
+        return m.group(0)
     if mins == 0:
         return f"{num2words(h)} o'clock"
     return f"{num2words(h)} {'oh ' + num2words(mins) if mins < 10 else num2words(mins)}"
+
+
+def _sub(pattern: str, words, text: str) -> str:
+    """re.sub that keeps the spoken words apart from letters glued to the number (10am, A4)."""
+    def replace(m: re.Match) -> str:
+        out = words(m)
+        if out == m.group(0):
+            return out
+        before = m.string[m.start() - 1] if m.start() else ""
+        after = m.string[m.end()] if m.end() < len(m.string) else ""
+        return f"{' ' if before.isalpha() else ''}{out}{' ' if after.isalpha() else ''}"
+    return re.sub(pattern, replace, text)
 
 
 def clean_text(text: str) -> str:
@@ -48,12 +81,13 @@ def normalize_text(text: str, language: str = "en") -> str:
     text = clean_text(text)
     if language != "en":
         return text
-    text = re.sub(rf"([$€£])\s?({_NUM})", _money, text)
-    text = re.sub(rf"({_NUM})\s?%", lambda m: f"{_number(m.group(1))} percent", text)
-    text = re.sub(r"\b(\d{1,2}):(\d{2})\b", _time, text)
-    text = re.sub(r"\b(\d+)(st|nd|rd|th)\b", lambda m: num2words(int(m.group(1)), to="ordinal"), text)
-    text = re.sub(r"\b(1[1-9]\d{2}|20\d{2})\b(?![.,]\d)", lambda m: num2words(int(m.group(1)), to="year"), text)
-    text = re.sub(_NUM, lambda m: _number(m.group(0)), text)
+    text = _sub(rf"([$€£])\s?({_NUM}|\.\d+)", _money, text)
+    text = _sub(rf"({_NUM})\s?%", lambda m: f"{_number(m.group(1))} percent", text)
+    text = _sub(r"(?<![\d:])(\d{1,2}):(\d{2})(?![\d:])", _time, text)
+    text = _sub(r"\b(\d+)(st|nd|rd|th)\b", lambda m: num2words(int(m.group(1)), to="ordinal"), text)
+    text = _sub(r"\b(1[1-9]\d{2}|20\d{2})\b(?![.,]\d)", lambda m: num2words(int(m.group(1)), to="year"), text)
+    text = re.sub(r"(?<![\w.-])-(?=\d)", "minus ", text)
+    text = _sub(_NUM, lambda m: _number(m.group(0)), text)
     for symbol, words in _SYMBOLS:
         text = text.replace(symbol, words)
     return re.sub(r"[ \t]{2,}", " ", text).strip()
