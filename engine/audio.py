@@ -56,16 +56,18 @@ def decode_audio(data: bytes, sample_rate: int, max_seconds: float | None = None
             if not container.streams.audio:
                 raise AudioDecodeError("no audio stream in the data")
             stream = container.streams.audio[0]
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+            # Keep the channels (planar) and average them here: FFmpeg's own downmix to mono
+            # scales stereo by 1/sqrt(2) per channel, not 1/2, and can clip.
+            resampler = av.AudioResampler(format="fltp", layout=None, rate=sample_rate)
             for frame in container.decode(stream):
                 for out in resampler.resample(frame):
-                    chunk = out.to_ndarray().reshape(-1)
+                    chunk = out.to_ndarray().mean(axis=0)
                     chunks.append(chunk)
                     total += chunk.size
                 if limit is not None and total > limit:
                     raise AudioDecodeError(f"audio is longer than the {max_seconds:g} s limit")
             for out in resampler.resample(None):
-                chunks.append(out.to_ndarray().reshape(-1))
+                chunks.append(out.to_ndarray().mean(axis=0))
     except AudioDecodeError:
         raise
     except (av.FFmpegError, ValueError, OSError, IndexError) as exc:
@@ -83,6 +85,7 @@ def encode_audio(pcm: np.ndarray, sample_rate: int, fmt: str) -> bytes:
     if fmt not in _ENCODERS:
         raise ValueError(f"unsupported audio format {fmt!r}; use one of {', '.join(FORMATS)}")
     container_name, codec, sample_format, rates = _ENCODERS[fmt]
+    pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
     rate = sample_rate
     if rates is not None and rate not in rates:
         rate = min((r for r in rates if r >= rate), default=max(rates))
@@ -90,12 +93,14 @@ def encode_audio(pcm: np.ndarray, sample_rate: int, fmt: str) -> bytes:
     buf = io.BytesIO()
     with av.open(buf, mode="w", format=container_name) as out:
         stream = out.add_stream(codec, rate=rate, layout="mono")
-        frame = av.AudioFrame.from_ndarray(float_to_pcm16(pcm).reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = rate
-        resampler = av.AudioResampler(format=sample_format, layout="mono", rate=rate)
-        for f in resampler.resample(frame):
-            for packet in stream.encode(f):
-                out.mux(packet)
+        out.start_encoding()  # writes the header even when there are no samples
+        if pcm.size:  # FFmpeg rejects an empty frame
+            frame = av.AudioFrame.from_ndarray(float_to_pcm16(pcm).reshape(1, -1), format="s16", layout="mono")
+            frame.sample_rate = rate
+            resampler = av.AudioResampler(format=sample_format, layout="mono", rate=rate)
+            for f in resampler.resample(frame):
+                for packet in stream.encode(f):
+                    out.mux(packet)
         for packet in stream.encode(None):
             out.mux(packet)
     return buf.getvalue()
