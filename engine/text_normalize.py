@@ -70,9 +70,9 @@ def _sub(pattern: str, words, text: str) -> str:
 
 
 def clean_text(text: str) -> str:
-    text = text.strip().replace("‘", "'").replace("’", "'").replace("“", '"').replace("”", '"')
+    text = text.replace("‘", "'").replace("’", "'").replace("“", '"').replace("”", '"')
     text = _EMOJI.sub("", text)
-    return re.sub(r",{2,}", ",", text)
+    return re.sub(r",{2,}", ",", text).strip()  # trimmed last: removed emoji may leave spaces
 
 
 def normalize_text(text: str, language: str = "en") -> str:
