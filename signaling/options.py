@@ -30,6 +30,10 @@ _BOUNDS = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "top_k": (1, 4096), "
            "max_new_tokens": (0, 8192), "threshold": (0.0, 1.0), "prefix_padding_ms": (0, 5000),
            "silence_duration_ms": (0, 10_000)}
 MAX_INSTRUCTIONS_CHARS = 8000
+# OpenAI's built-in voice names: clients written for OpenAI send them; without a reference voice of
+# that name they mean "the default voice" here, rather than an error (a base-URL change should work).
+OPENAI_VOICES = frozenset({"alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer",
+                           "verse", "marin", "cedar"})
 
 
 class OptionsError(ValueError):
@@ -191,6 +195,8 @@ async def resolve_voice(services: Any, voice_id: str) -> tuple[Reference, ...]:
     """
     store = getattr(services, "references", None)
     if store is None:
+        if voice_id.lower() in OPENAI_VOICES:
+            return ()
         raise OptionsError("voice", "this server keeps no reference voices")
     getter = getattr(store, "get_references", None) or getattr(store, "get", None)
     if getter is None:
@@ -204,6 +210,8 @@ async def resolve_voice(services: Any, voice_id: str) -> tuple[Reference, ...]:
     except ValueError as exc:
         raise OptionsError("voice", str(exc)) from None
     if found is None:
+        if voice_id.lower() in OPENAI_VOICES:
+            return ()
         raise OptionsError("voice", f"unknown reference voice {voice_id!r}")
     refs = (found,) if isinstance(found, Reference) else tuple(found)
     if not refs or not all(isinstance(r, Reference) for r in refs):

@@ -450,6 +450,8 @@ async def build_conversation(services: Any, settings: Any, options: SessionOptio
     """A ConversationSession on the server's loaded models, configured by the call's options."""
     asr, vad = getattr(services, "asr", None), getattr(services, "vad", None)
     if asr is None or vad is None:
+        if getattr(services, "loading", False):
+            raise CallError(503, "not_ready", "the models are still loading; retry shortly")
         raise CallError(503, "not_ready", "realtime calls need the ASR and VAD models, which are not loaded")
     tts, llm = getattr(services, "tts", None), getattr(services, "llm", None)
     mode = options.mode or _default_mode(services, settings)
@@ -465,11 +467,16 @@ async def build_conversation(services: Any, settings: Any, options: SessionOptio
             tts=tts, asr=asr, llm=llm, vad_model=vad, mode=mode, voice=voice,  # type: ignore[arg-type]
             instructions=options.instructions or getattr(settings, "instructions", None) or DEFAULT_INSTRUCTIONS,
             turn_detection=turn, sampling=sampling_options(_base_sampling(settings), options.sampling),
-            chat=_chat_options(ChatOptions(), options))
+            chat=_chat_options(_base_chat(settings), options))
     except OptionsError as exc:
         raise CallError(400, "invalid_value", str(exc), param=exc.param) from None
     except ValueError as exc:
         raise CallError(400, "invalid_value", str(exc)) from None
+
+
+def _base_chat(settings: Any) -> ChatOptions:
+    max_tokens = getattr(settings, "llm_max_tokens", None)
+    return ChatOptions(max_tokens=int(max_tokens)) if max_tokens else ChatOptions()
 
 
 def _chat_options(base: ChatOptions, options: SessionOptions) -> ChatOptions:

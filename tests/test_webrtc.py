@@ -31,13 +31,16 @@ LONG_FRAMES = 400  # ~18 s: a reply that is still playing when the user barges i
 
 
 @pytest.fixture(scope="module")
-def models(tts_engine):
+def models(tts_engine, tmp_path_factory):
     from engine.asr import Transcriber
     from engine.llm.embedded import EmbeddedLLM
     from engine.vad import SileroVAD
+    from server.references import ReferenceStore
 
     llm = EmbeddedLLM.load()
-    yield types.SimpleNamespace(asr=Transcriber.load(), vad=SileroVAD.load(), llm=llm, tts=tts_engine)
+    references = ReferenceStore(tmp_path_factory.mktemp("references"))
+    yield types.SimpleNamespace(asr=Transcriber.load(), vad=SileroVAD.load(), llm=llm, tts=tts_engine,
+                                references=references)
     llm.close()
 
 
@@ -143,6 +146,37 @@ async def test_tts_request_speaks_exactly_that_text(server, connect):
     client.send({"type": "tts.request", "text": "x", "voice": "no-such-voice", "event_id": "evt_voice"})
     err = await client.wait_for("error", lambda e: e["error"]["event_id"] == "evt_voice")
     assert err["error"]["param"] == "voice"
+
+
+async def test_reference_voice_by_id(server, connect, models, tmp_path):
+    """A stored voice (espeak speech + its transcript) is used by id, from the query, session.update
+    and tts.request; OpenAI's preset names fall back to the default voice instead of failing."""
+    ref_text = "Please turn on the kitchen lights."
+    wav = tmp_path / "ref.wav"
+    pcm = speechkit.espeak_wav(ref_text)
+    import wave
+
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16_000)
+        w.writeframes((pcm * 32767).astype("<i2").tobytes())
+    models.references.add("kitchen", wav.read_bytes(), ref_text, "ref.wav")
+    client = await connect(mode="tts", voice="kitchen")
+    call = server.calls[client.call_id]
+    assert client.of_type("session.created")[0]["session"]["voice"] == "kitchen"
+    assert [r.text for r in call.conversation.voice] == [ref_text]
+    client.send({"type": "tts.request", "text": "Hello from the server.", "voice": "kitchen",
+                 "sampling": {"max_new_tokens": TTS_FRAMES}})
+    done = await client.wait_for("response.done", timeout=30)
+    assert done["response"]["status"] == "completed" and done["audio_seconds"] > 0.5
+    seen = len(client.events)
+    client.send({"type": "session.update", "session": {"audio": {"output": {"voice": "alloy"}}}})
+    updated = await client.wait_for("session.updated", after=seen)
+    assert updated["session"]["voice"] == "alloy" and call.conversation.voice == ()
+    client.send({"type": "session.update", "event_id": "evt_v", "session": {"voice": "../etc"}})
+    err = await client.wait_for("error", lambda e: e["error"]["event_id"] == "evt_v")
+    assert err["error"]["param"] == "voice"
+    status, text, _ = await client.post_offer(client.pc.localDescription.sdp, query={"voice": "nobody-here"})
+    assert status == 400 and "nobody-here" in text
 
 
 async def test_barge_in_clears_queued_audio_at_once(server, connect):

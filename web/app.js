@@ -63,6 +63,7 @@ async function errorText(resp) {
   try {
     const body = await resp.json();
     if (body && body.error) return body.error.message || JSON.stringify(body.error);
+    if (body && body.message) return body.message;  // the references API's {success, message}
     return JSON.stringify(body);
   } catch (_) {
     return resp.status + " " + resp.statusText;
