@@ -28,7 +28,10 @@ def mime_type(fmt: str) -> str:
 
 
 def float_to_pcm16(pcm: np.ndarray) -> np.ndarray:
-    return (np.clip(np.asarray(pcm, dtype=np.float32), -1.0, 1.0) * 32767.0).astype("<i2")
+    # Round to nearest (a plain cast truncates toward zero: up to 1 LSB of error and a dead zone
+    # around silence); NaN, which a cast turns into an arbitrary value, becomes silence.
+    pcm = np.nan_to_num(np.asarray(pcm, dtype=np.float32), nan=0.0)
+    return np.rint(np.clip(pcm, -1.0, 1.0) * 32767.0).astype("<i2")
 
 
 def resample(pcm: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
