@@ -1,0 +1,146 @@
+"""The RunPod-compatible job API: /run, /runsync, /status, /stream, /cancel, /purge-queue, /health.
+
+Handlers only translate HTTP: validation lives in server.handler, queueing in server.jobs.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from server.handler import check_job_audio, parse_job_input
+from server.http import JOBS, SERVICES, SETTINGS, job_error, read_json, requires_key
+from server.jobs import FINAL_STATES, QueueFull
+from server.schema import JobRequest, RequestError, describe_validation_error
+
+RUNSYNC_MIN_WAIT_MS, RUNSYNC_MAX_WAIT_MS = 1000, 300_000  # RunPod's bounds for ?wait=
+
+
+def _job_id(request: web.Request) -> str:
+    return request.match_info["job_id"]
+
+
+def _not_found(job_id: str, request: web.Request) -> web.Response:
+    minutes = request.app[SETTINGS].result_ttl / 60
+    return job_error(404, f"job {job_id!r} not found (finished jobs are kept for {minutes:g} minutes)")
+
+
+async def _accept(request: web.Request, id_prefix: str = "") -> str:
+    """Validate a /run or /runsync body and queue it; RequestError / QueueFull say why not."""
+    body = await read_json(request)
+    try:
+        envelope = JobRequest.model_validate(body)
+    except ValidationError as exc:
+        raise RequestError(400, f"invalid request: {describe_validation_error(exc)} "
+                                "(send {\"input\": {...}})") from None
+    services, settings = request.app[SERVICES], request.app[SETTINGS]
+    job = parse_job_input(envelope.input, services, settings)
+    await check_job_audio(job, services, settings)
+    timeout = None
+    if envelope.policy is not None and envelope.policy.executionTimeout:
+        timeout = envelope.policy.executionTimeout / 1000.0
+    return await request.app[JOBS].submit(envelope.input, streaming=job.input.streaming, timeout=timeout,
+                                          id_prefix=id_prefix)
+
+
+def _refused(exc: Exception) -> web.Response:
+    if isinstance(exc, QueueFull):
+        return job_error(503, str(exc), headers={"Retry-After": "1"})
+    assert isinstance(exc, RequestError)
+    return job_error(exc.status, exc.message)
+
+
+@requires_key("job")
+async def run(request: web.Request) -> web.Response:
+    try:
+        job_id = await _accept(request)
+    except (RequestError, QueueFull) as exc:
+        return _refused(exc)
+    return web.json_response({"id": job_id, "status": "IN_QUEUE"})
+
+
+@requires_key("job")
+async def runsync(request: web.Request) -> web.Response:
+    wait = request.app[SETTINGS].runsync_wait
+    if "wait" in request.query:
+        try:
+            wait_ms = int(request.query["wait"])
+        except ValueError:
+            return job_error(400, "wait must be an integer number of milliseconds")
+        wait = min(max(wait_ms, RUNSYNC_MIN_WAIT_MS), RUNSYNC_MAX_WAIT_MS) / 1000.0
+    try:
+        job_id = await _accept(request, id_prefix="sync-")
+    except (RequestError, QueueFull) as exc:
+        return _refused(exc)
+    jobs = request.app[JOBS]
+    await jobs.wait(job_id, wait)
+    body = await jobs.status(job_id)
+    if body is None:
+        return _not_found(job_id, request)
+    if body["status"] not in FINAL_STATES:
+        # As RunPod does: the caller continues with /status/{id}.
+        body = {"id": job_id, "status": body["status"]}
+    return web.json_response(body)
+
+
+@requires_key("job")
+async def status(request: web.Request) -> web.Response:
+    body = await request.app[JOBS].status(_job_id(request))
+    return web.json_response(body) if body is not None else _not_found(_job_id(request), request)
+
+
+@requires_key("job")
+async def stream(request: web.Request) -> web.Response:
+    body = await request.app[JOBS].take_stream(_job_id(request))
+    return web.json_response(body) if body is not None else _not_found(_job_id(request), request)
+
+
+@requires_key("job")
+async def cancel(request: web.Request) -> web.Response:
+    body = await request.app[JOBS].cancel(_job_id(request))
+    return web.json_response(body) if body is not None else _not_found(_job_id(request), request)
+
+
+@requires_key("job")
+async def purge_queue(request: web.Request) -> web.Response:
+    removed = await request.app[JOBS].purge_queue()
+    return web.json_response({"removed": removed, "status": "completed"})
+
+
+def model_state(request: web.Request) -> dict[str, Any]:
+    services, settings = request.app[SERVICES], request.app[SETTINGS]
+    tts_loaded = services.tts is not None
+    state = "loading" if services.loading else ("ok" if tts_loaded else "unavailable")
+    model: dict[str, Any] = {"checkpoint": settings.checkpoint, "loaded": tts_loaded}
+    if not tts_loaded and not services.loading:
+        model["error"] = services.errors.get("tts", "not loaded")
+    return {"status": state, "mode": settings.mode, "model": model, "components": services.describe()}
+
+
+async def health(request: web.Request) -> web.Response:
+    """Job and worker counts (RunPod's shape) plus the model state; never needs the API key."""
+    body = await request.app[JOBS].health()
+    return web.json_response({**body, **model_state(request)})
+
+
+async def ping(request: web.Request) -> web.Response:
+    """Load-balancer probe (RunPod's convention): 200 ready, 204 still loading, 503 no model."""
+    services = request.app[SERVICES]
+    if services.tts is not None:
+        return web.json_response({"status": "ready"})
+    if services.loading:
+        return web.Response(status=204)
+    return job_error(503, services.errors.get("tts", "the TTS model is not loaded"))
+
+
+def add_routes(router: web.UrlDispatcher, prefix: str = "") -> None:
+    router.add_post(prefix + "/run", run)
+    router.add_post(prefix + "/runsync", runsync)
+    for method in ("GET", "POST"):
+        router.add_route(method, prefix + "/status/{job_id}", status)
+        router.add_route(method, prefix + "/stream/{job_id}", stream)
+    router.add_post(prefix + "/cancel/{job_id}", cancel)
+    router.add_post(prefix + "/purge-queue", purge_queue)
+    router.add_get(prefix + "/health", health)
+    router.add_get(prefix + "/ping", ping)

@@ -1,0 +1,81 @@
+"""The aiohttp application: every route in one place, lifetimes in cleanup contexts.
+
+    job API (RunPod shapes), at / and under /v2/{endpoint_id}/ (any id):
+        POST /run, POST /runsync, GET|POST /status/{id}, GET|POST /stream/{id}, POST /cancel/{id},
+        POST /purge-queue, GET /health (no key), GET /ping (no key)
+    upstream Fish Speech: POST /v1/tts, GET|POST /v1/health (no key),
+        POST /v1/references/add, GET /v1/references/list, DELETE|POST /v1/references/delete,
+        POST /v1/references/update
+    realtime (signaling): /v1/realtime/..., and the web page at /
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+import signaling
+from server import api_fish, api_jobs
+from server.conversations import ConversationStore
+from server.handler import handle_job
+from server.http import (CONVERSATIONS, JOBS, SERVICES, SETTINGS, auth_middleware, body_limit, install_cors)
+from server.jobs import JobManager, JobStore
+from server.services import Services, load_services
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, services: Services | None = None) -> web.Application:
+    """The server. Without `services`, the models are loaded (off the loop) when the app starts
+    and closed when it stops; the app only starts answering once loading has finished or failed."""
+    app = web.Application(client_max_size=body_limit(settings), middlewares=[auth_middleware])
+    app[SETTINGS] = settings
+    app[SERVICES] = services if services is not None else Services(loading=True)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    conversations = ConversationStore(settings.data_dir / "conversations.sqlite3", settings.conversation_ttl)
+    app[CONVERSATIONS] = conversations
+    app[JOBS] = JobManager(
+        JobStore(settings.jobs_db),
+        lambda job_input: handle_job(job_input, app[SERVICES], settings, conversations),
+        queue_size=settings.queue_size, concurrency=settings.concurrent_jobs,
+        execution_timeout=settings.execution_timeout, result_ttl=settings.result_ttl,
+        on_janitor=conversations.purge_expired)
+    app.cleanup_ctx.append(_services_context(owned=services is None))
+    app.cleanup_ctx.append(_jobs_context)
+
+    r = app.router
+    api_jobs.add_routes(r)
+    api_jobs.add_routes(r, prefix="/v2/{endpoint_id}")
+    api_fish.add_routes(r)
+    install_cors(app, settings.cors_origins)
+    signaling.install(app, services=app[SERVICES], settings=settings)
+    return app
+
+
+def _services_context(owned: bool):
+    async def services_ctx(app: web.Application) -> AsyncIterator[None]:
+        services = app[SERVICES]
+        if owned:
+            await load_services(app[SETTINGS], services)
+            log.info("models: %s", {k: v["loaded"] for k, v in services.describe().items()})
+        elif services.references is None:
+            from server.references import ReferenceStore
+
+            settings = app[SETTINGS]
+            services.references = ReferenceStore(settings.references_dir, max_bytes=settings.max_reference_bytes)
+        yield
+        if owned:
+            await services.aclose()
+
+    return services_ctx
+
+
+async def _jobs_context(app: web.Application) -> AsyncIterator[None]:
+    jobs = app[JOBS]
+    await jobs.start()
+    yield
+    await jobs.stop()
+    jobs.store.close()
+    app[CONVERSATIONS].close()
