@@ -23,7 +23,8 @@ def letters(s: str) -> str:
 
 LONG_TEXTS = [
     "Hello there. How are you today? I am fine, thank you! The weather is going to be sunny "
-    "tomorrow, and then we will walk to the museum together; it opens at 10:30 and costs 1,000 yen.",
+    "tomorrow, and then we will walk to the museum together; it opens at 10:30 "
+    "and costs 1,000 yen.",
     "Grüße aus Köln, schöne Größe. Ähm, öffnen Sie die Tür! Straße für Straße, Haus für Haus.",
     "日本語のテキストです。次の文です！とても長い文章なので、分割する必要があります。最後の文。",
     "你好，世界！这是一个很长的句子，需要被分成几个部分。第二句话来了。",

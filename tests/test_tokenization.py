@@ -63,6 +63,20 @@ def test_both_layouts_load_with_the_ids_the_writer_reports(tiny):
         tok.token_id(f"<|semantic:{NUM_SEMANTIC}|>")
 
 
+def test_tiny_writer_reports_a_vocab_size_that_covers_every_id(tiny):
+    family, d, info, tok = tiny
+    assert info["vocab_size"] == max(tok.special_ids.values()) + 1
+    assert info["vocab_size"] > max(tok.encode(" ".join(SAMPLES)))
+    files = ["special_tokens.json", "tokenizer.tiktoken"] if family == "s1-mini" else [
+        "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in d.iterdir()) == files
+
+
+def test_tiny_writer_rejects_unknown_families(tmp_path):
+    with pytest.raises(ValueError):
+        write_tiny_tokenizer(tmp_path, "fish-speech-1.5", NUM_SEMANTIC)
+
+
 def test_hf_special_ids_are_resolved_by_name_from_tokenizer_json(tmp_path):
     write_tiny_tokenizer(tmp_path, "s2-pro", NUM_SEMANTIC)
     added = json.loads((tmp_path / "tokenizer.json").read_text())["added_tokens"]
