@@ -7,7 +7,7 @@
      (every call streams microphone audio in and a TTS reply out; a call fails if its outbound
      track ran dry mid-response or its pacing fell behind).
 
-The server runs in a child process (the real aiohttp app, `signaling.install`, real models),
+The server runs in a child process (the product's app, `server.app.create_app`, real models),
 the aiortc clients in this one, on loopback. Without --checkpoint a tiny random checkpoint in
 the published layout is made (it speaks noise, and never stops on its own, so requests cap
 `max_new_tokens`).
@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,23 +39,28 @@ FRAMES_PER_SECOND = 21.5  # codec frames per second of audio (44.1 kHz / 2048)
 
 # ---------------------------------------------------------------------------- server (child process)
 async def serve(args: argparse.Namespace) -> None:
-    from engine.asr import Transcriber
-    from engine.llm.embedded import EmbeddedLLM
-    from engine.tts import TTSEngine
-    from engine.vad import SileroVAD
-    from rtc_client import LocalServer, force_loopback_ice
+    """The product's server app (`server.app.create_app`), loading its own models, on loopback."""
+    from aiohttp import web
+
+    from rtc_client import force_loopback_ice
+    from server.app import create_app
+    from server.settings import Settings
 
     force_loopback_ice()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-webrtc-"))
     checkpoint = args.checkpoint
     if checkpoint is None:
         from engine.tiny import make_tiny_checkpoint
 
-        checkpoint = make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny-s1-mini", "s1-mini", seed=0)
-    tts = TTSEngine.load(checkpoint, device=args.device)
-    services = types.SimpleNamespace(asr=Transcriber.load(device="cpu"), vad=SileroVAD.load(),
-                                     llm=EmbeddedLLM.load(), tts=tts)
-    server = await LocalServer(services, max_sessions=256, rtc_liveness_timeout=15.0).start()
-    print(json.dumps({"ready": server.base_url, "checkpoint": str(checkpoint)}), flush=True)
+        checkpoint = make_tiny_checkpoint(workdir / "tiny-s1-mini", "s1-mini", seed=0)
+    settings = Settings(checkpoint=str(checkpoint), device=args.device, data_dir=workdir / "data",
+                        max_sessions=256, rtc_liveness_timeout=15.0)
+    runner = web.AppRunner(create_app(settings))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    print(json.dumps({"ready": url, "checkpoint": str(checkpoint)}), flush=True)
     await asyncio.Event().wait()
 
 

@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 import wave
 from pathlib import Path
 
@@ -37,6 +36,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 SENTENCE = "What is the capital of France?"
 TTS_TEXT = "Hello from the server."
+VOICE_ID = "kitchen voice"
 AUDIBLE_RMS = 0.01
 
 
@@ -107,8 +107,11 @@ def test_browser_call_through_the_page(tmp_path):
 
 
 @pytest.mark.e2e
-def test_browser_page_explains_denied_mic_dropped_call_and_server_down(tmp_path):
-    report = _run_harness("errors", tmp_path)
+def test_browser_voice_upload_and_error_messages(tmp_path):
+    report = _run_harness("page", tmp_path)
+    assert f"“{VOICE_ID}” added" in report["upload_status"], report
+    assert report["stored_voices"] == [VOICE_ID]
+    assert report["call_voice"] == VOICE_ID and report["call_references"] == [SENTENCE]
     assert "Microphone access was denied" in report["mic_denied"], report
     assert report["calls_after_denied"] == 0
     assert "ended the call" in report["call_dropped"] or "dropped" in report["call_dropped"], report
@@ -181,18 +184,52 @@ class Page:
         await self.run(self.driver.quit)
 
 
-async def _load_services(workdir: Path, with_tts: bool) -> types.SimpleNamespace:
-    from engine.asr import Transcriber
-    from engine.llm.embedded import EmbeddedLLM
-    from engine.vad import SileroVAD
+class RealServer:
+    """The product's own server application (`server.app.create_app`) on 127.0.0.1: it loads its
+    models (a tiny random TTS checkpoint, whisper tiny.en, silero VAD, SmolLM2) and serves the page."""
 
-    tts = None
-    if with_tts:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.runner = None
+        self.base_url = ""
+
+    async def start(self) -> RealServer:
+        from aiohttp import web
+
         from engine.tiny import make_tiny_checkpoint
-        from engine.tts import TTSEngine
+        from server.app import create_app
+        from server.settings import Settings
 
-        tts = TTSEngine.load(make_tiny_checkpoint(workdir / "tiny-s1-mini", "s1-mini", seed=0), device="cpu")
-    return types.SimpleNamespace(asr=Transcriber.load(), vad=SileroVAD.load(), llm=EmbeddedLLM.load(), tts=tts)
+        checkpoint = make_tiny_checkpoint(self.workdir / "tiny-s1-mini", "s1-mini", seed=0)
+        settings = Settings(checkpoint=str(checkpoint), device="cpu", data_dir=self.workdir / "data",
+                            rtc_liveness_timeout=4.0)
+        self.runner = web.AppRunner(create_app(settings))
+        await self.runner.setup()  # loads the models
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.base_url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        return self
+
+    @property
+    def app(self):
+        return self.runner.app
+
+    @property
+    def services(self):
+        from server.http import SERVICES
+
+        return self.app[SERVICES]
+
+    @property
+    def calls(self) -> dict:
+        from signaling.routes import CALLS
+
+        return self.app[CALLS].calls
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            runner, self.runner = self.runner, None
+            await runner.cleanup()
 
 
 async def _call_scenario(server, page: Page, report: dict) -> None:
@@ -203,6 +240,7 @@ async def _call_scenario(server, page: Page, report: dict) -> None:
     await page.click("call")
     await page.until("window.fishvoice.state.phase === 'connected'", 15)
     report["t_connected"] = round(time.monotonic() - t0, 2)
+    report["server_errors"] = dict(server.services.errors)
     call = next(iter(server.calls.values()))
     await page.until("window.fishvoice.state.userTranscripts.length > 0", 25)
     await page.until("window.fishvoice.state.audibleFrames >= 10", 25)
@@ -230,8 +268,9 @@ async def _call_scenario(server, page: Page, report: dict) -> None:
     report["server"]["close_reason"] = call.close_reason
 
 
-async def _errors_scenario(server, wav: Path, workdir: Path, report: dict) -> None:
-    """What the page says when the mic is denied, the call drops, and the server is down."""
+async def _page_scenario(server, wav: Path, workdir: Path, report: dict) -> None:
+    """Uploading a reference voice from the page; what the page says when the mic is denied, the
+    call drops, and the server is down."""
     denied = Page(await asyncio.get_running_loop().run_in_executor(
         None, lambda: _chrome(wav, workdir / "profile-denied", deny_mic=True)))
     try:
@@ -246,9 +285,20 @@ async def _errors_scenario(server, wav: Path, workdir: Path, report: dict) -> No
         None, lambda: _chrome(wav, workdir / "profile-errors")))
     try:
         await page.open(server.base_url + "/")
+        # A new reference voice: a file and its transcript, uploaded, listed and chosen.
+        await page.run(lambda: page.driver.find_element("id", "ref-id").send_keys(VOICE_ID))
+        await page.run(lambda: page.driver.find_element("id", "ref-file").send_keys(str(wav)))
+        await page.run(lambda: page.driver.find_element("id", "ref-text").send_keys(SENTENCE))
+        await page.click("ref-upload")
+        await page.until(f"document.getElementById('voice').value === {json.dumps(VOICE_ID)}", 15)
+        report["upload_status"] = await page.text("ref-status")
+        report["stored_voices"] = server.services.references.list_ids()
         await page.click("call")
         await page.until("window.fishvoice.state.phase === 'connected'", 15)
+        await page.until("window.fishvoice.state.session", 5)
+        report["call_voice"] = (await page.state())["session"]["voice"]
         call = next(iter(server.calls.values()))
+        report["call_references"] = [r.text for r in call.conversation.voice]
         await call.close("server_ended")  # the server drops the call
         await page.until("window.fishvoice.state.phase === 'ended'", 15)
         report["call_dropped"] = await page.text("status")
@@ -261,14 +311,13 @@ async def _errors_scenario(server, wav: Path, workdir: Path, report: dict) -> No
 
 
 async def _harness(out: Path, workdir: Path, scenario: str) -> dict:
-    from rtc_client import LocalServer, force_loopback_ice
+    from rtc_client import force_loopback_ice
 
     force_loopback_ice()  # the namespace has only lo, which aioice skips by default
     wav = workdir / "mic.wav"
     pcm, _ = speechkit.speech_with_gaps([1.0, SENTENCE, 3.0])
     _write_wav(wav, pcm)
-    services = await _load_services(workdir, with_tts=scenario == "call")
-    server = await LocalServer(services, rtc_liveness_timeout=4.0).start()
+    server = await RealServer(workdir).start()
     report: dict = {"error": None}
     page = None
     try:
@@ -277,7 +326,7 @@ async def _harness(out: Path, workdir: Path, scenario: str) -> dict:
                 None, lambda: _chrome(wav, workdir / "profile")))
             await _call_scenario(server, page, report)
         else:
-            await _errors_scenario(server, wav, workdir, report)
+            await _page_scenario(server, wav, workdir, report)
     except Exception as exc:  # noqa: BLE001 - reported to the test, which prints it
         report["error"] = f"{type(exc).__name__}: {exc}"
         if page is not None:
@@ -290,16 +339,13 @@ async def _harness(out: Path, workdir: Path, scenario: str) -> dict:
         if page is not None:
             await page.quit()
         await server.stop()
-        if services.tts is not None:
-            services.tts.close()
-        services.llm.close()
     out.write_text(json.dumps(report, default=str))
     return report
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="browser harness (run by the tests inside unshare -n)")
-    parser.add_argument("--harness", choices=["call", "errors"], required=True)
+    parser.add_argument("--harness", choices=["call", "page"], required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.mkdtemp()))
     args = parser.parse_args()

@@ -143,6 +143,12 @@ async function startCall() {
   state.phase = "connecting";
   $("call").disabled = true;
   setStatus("Asking for the microphone…", "busy");
+  if (!window.isSecureContext || !navigator.mediaDevices) {
+    fail("Browsers only allow the microphone on secure pages: open this page over HTTPS, or at http://localhost on the server's machine.");
+    state.phase = "error";
+    $("call").disabled = false;
+    return;
+  }
   try {
     micStream = await navigator.mediaDevices.getUserMedia({
       audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true },
