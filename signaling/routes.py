@@ -26,7 +26,9 @@ from aiohttp import web
 from engine.conversation_types import TurnDetection
 from signaling import events as ev
 from signaling.options import OptionsError, SessionOptions, from_query, from_session
-from signaling.session import CallError, CallLimits, CallRegistry, PeerCall, ice_servers_for_browser
+from signaling.errors import CallError
+from signaling.ice import ice_servers_for_browser
+from signaling.session import CallLimits, CallRegistry, PeerCall
 
 log = logging.getLogger(__name__)
 

@@ -16,18 +16,18 @@ import dataclasses
 import logging
 import secrets
 import time
-from collections.abc import Mapping
 from typing import Any
 
-from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.exceptions import InvalidAccessError, InvalidStateError, OperationError
 from aiortc.rtcdatachannel import RTCDataChannel
 
-from engine.conversation import DEFAULT_INSTRUCTIONS, ConversationSession
-from engine.conversation_types import AudioClear, AudioOut, PipelineEvent, TurnDetection
-from engine.llm.base import ChatOptions
-from engine.tts_types import SamplingOptions
+from engine.conversation import ConversationSession
+from engine.conversation_types import AudioClear, AudioOut, PipelineEvent
 from signaling import events as ev
+from signaling.configure import apply_options, build_conversation
+from signaling.errors import CallError
+from signaling.ice import ice_configuration
 from signaling.options import OptionsError, SessionOptions, describe, from_session, resolve_voice, sampling_options
 from signaling.tracks import InboundAudio, OutboundAudioTrack
 
@@ -37,53 +37,12 @@ MAX_PENDING_EVENTS = 200  # server events kept until the data channel opens
 MAX_OFFER_BYTES = 64 * 1024
 
 
-class CallError(Exception):
-    """A call that cannot be set up; `status` is the HTTP status to answer with."""
-
-    def __init__(self, status: int, code: str, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.param = param
-
-
 @dataclasses.dataclass(frozen=True)
 class CallLimits:
     liveness_timeout: float = 6.0  # seconds without a packet from the peer -> gone
     connect_timeout: float = 20.0  # seconds from the answer to an established connection
     check_interval: float = 0.5
     max_call_seconds: float | None = None
-
-
-def ice_configuration(ice_servers: Any) -> RTCConfiguration:
-    """RTCConfiguration from settings: URLs or {urls, username, credential} dicts.
-
-    Always explicit: aiortc's own default would contact a public Google STUN server.
-    """
-    servers: list[RTCIceServer] = []
-    for entry in ice_servers or ():
-        if isinstance(entry, str):
-            servers.append(RTCIceServer(urls=entry))
-        elif isinstance(entry, Mapping):
-            servers.append(RTCIceServer(urls=entry["urls"], username=entry.get("username"),
-                                        credential=entry.get("credential")))
-        elif isinstance(entry, RTCIceServer):
-            servers.append(entry)
-        else:
-            raise ValueError(f"ice server entries are URLs or {{urls, username, credential}} objects, got {entry!r}")
-    return RTCConfiguration(iceServers=servers)
-
-
-def ice_servers_for_browser(ice_servers: Any) -> list[dict[str, Any]]:
-    """The same list in the browser's RTCIceServer shape (for the page's RTCPeerConnection)."""
-    out = []
-    for server in ice_configuration(ice_servers).iceServers or ():
-        item: dict[str, Any] = {"urls": server.urls}
-        if server.username:
-            item["username"] = server.username
-            item["credential"] = server.credential
-        out.append(item)
-    return out
 
 
 def check_offer(sdp: str) -> None:
@@ -431,70 +390,5 @@ class PeerCall:
         self.send(self.events.error("internal_error", f"internal error: {task.exception()}",
                                     type_="server_error", t=time.monotonic()))
         self.request_close("internal_error")
-
-
-# ---------------------------------------------------------------------- conversation set-up
-def _default_mode(services: Any, settings: Any) -> str:
-    wanted = getattr(settings, "mode", None) or "agent"
-    if wanted == "agent" and getattr(services, "llm", None) is None:
-        return "tts"  # a TTS-only server
-    return wanted
-
-
-def _base_sampling(settings: Any) -> SamplingOptions:
-    base = getattr(settings, "realtime_sampling", None)
-    return base if isinstance(base, SamplingOptions) else SamplingOptions()
-
-
-async def build_conversation(services: Any, settings: Any, options: SessionOptions) -> ConversationSession:
-    """A ConversationSession on the server's loaded models, configured by the call's options."""
-    asr, vad = getattr(services, "asr", None), getattr(services, "vad", None)
-    if asr is None or vad is None:
-        if getattr(services, "loading", False):
-            raise CallError(503, "not_ready", "the models are still loading; retry shortly")
-        raise CallError(503, "not_ready", "realtime calls need the ASR and VAD models, which are not loaded")
-    tts, llm = getattr(services, "tts", None), getattr(services, "llm", None)
-    mode = options.mode or _default_mode(services, settings)
-    if mode == "agent" and llm is None:
-        raise CallError(400, "no_agent", "agent mode needs an agent LLM and none is configured; use mode=tts",
-                        param="mode")
-    if mode == "tts" and tts is None:
-        raise CallError(503, "not_ready", "TTS mode needs the TTS model, which is not loaded", param="mode")
-    try:
-        voice = await resolve_voice(services, options.voice_id) if options.voice_id else ()
-        turn = TurnDetection() if options.turn_detection == "keep" else options.turn_detection
-        return ConversationSession(
-            tts=tts, asr=asr, llm=llm, vad_model=vad, mode=mode, voice=voice,  # type: ignore[arg-type]
-            instructions=options.instructions or getattr(settings, "instructions", None) or DEFAULT_INSTRUCTIONS,
-            turn_detection=turn, sampling=sampling_options(_base_sampling(settings), options.sampling),
-            chat=_chat_options(_base_chat(settings), options))
-    except OptionsError as exc:
-        raise CallError(400, "invalid_value", str(exc), param=exc.param) from None
-    except ValueError as exc:
-        raise CallError(400, "invalid_value", str(exc)) from None
-
-
-def _base_chat(settings: Any) -> ChatOptions:
-    max_tokens = getattr(settings, "llm_max_tokens", None)
-    return ChatOptions(max_tokens=int(max_tokens)) if max_tokens else ChatOptions()
-
-
-def _chat_options(base: ChatOptions, options: SessionOptions) -> ChatOptions:
-    changes: dict[str, Any] = {}
-    if options.max_output_tokens is not None:
-        changes["max_tokens"] = options.max_output_tokens
-    if options.llm_temperature is not None:
-        changes["temperature"] = options.llm_temperature
-    return dataclasses.replace(base, **changes) if changes else base
-
-
-async def apply_options(conv: ConversationSession, options: SessionOptions, services: Any) -> None:
-    """A session.update on a live conversation (validated before anything changes)."""
-    voice = await resolve_voice(services, options.voice_id) if options.voice_id else None
-    sampling = sampling_options(conv.sampling, options.sampling) if options.sampling else None
-    chat = _chat_options(conv.chat, options)
-    conv.update(mode=options.mode, voice=voice, instructions=options.instructions,
-                turn_detection=options.turn_detection, sampling=sampling,
-                chat=chat if chat is not conv.chat else None)
 
 

@@ -222,7 +222,7 @@ async def test_config_and_web_page_are_served(server):
 
 
 def test_ice_servers_come_from_settings_only():
-    from signaling.session import ice_configuration, ice_servers_for_browser
+    from signaling.ice import ice_configuration, ice_servers_for_browser
 
     assert ice_configuration(None).iceServers == []  # never aiortc's default public STUN server
     config = ice_configuration(["stun:stun.example:3478",
