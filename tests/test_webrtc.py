@@ -204,6 +204,31 @@ async def test_barge_in_clears_queued_audio_at_once(server, connect):
     assert heard < done["audio_seconds"] - 1.0, (heard, done["audio_seconds"])
 
 
+async def test_barge_in_on_an_agent_reply_keeps_only_what_was_played(server, connect):
+    """The track's played-time reports decide what the history keeps of an interrupted reply."""
+    client = await connect(mode="agent", max_new_tokens=60)  # ~2.8 s of audio per sentence
+    client.send({"type": "session.update", "session": {"temperature": 0.0, "max_output_tokens": 120}})
+    await client.wait_for("session.updated")
+    call = server.calls[client.call_id]
+    client.send({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [
+        {"type": "input_text", "text": "Tell me a long story about a dragon and a knight."}]}})
+    client.send({"type": "response.create"})
+    created = await client.wait_for("response.created")
+    rid = created["response_id"]
+    started = await client.wait_for("output_audio_buffer.started", timeout=30)
+    await asyncio.sleep(max(0.0, 1.5 - (time.monotonic() - started["_t"])))
+    client.mic.play(speech("Hello from the server.", lead=0.0, tail=0.8))
+    cleared = await client.wait_for("output_audio_buffer.cleared", lambda e: e["response_id"] == rid, timeout=10)
+    played = call.outbound._sent[rid] / 48000  # what actually went out on the track
+    assert abs(cleared["audio_end_ms"] / 1000 - played) < 0.15, (cleared["audio_end_ms"], played)
+    await asyncio.sleep(0.3)
+    full = "".join(e["delta"] for e in client.of_type("response.output_audio_transcript.delta")
+                   if e["response_id"] == rid)
+    kept = next(m["content"] for m in reversed(call.conversation.history) if m["role"] == "assistant")
+    assert kept and len(kept) < len(full.strip()), (kept, full)
+    assert full.strip().startswith(kept.split()[0])
+
+
 async def test_hang_up_releases_tasks_tracks_and_model_work(server, connect, models):
     baseline = set(asyncio.all_tasks())
     client = RealtimeClient(server.base_url)
