@@ -46,10 +46,13 @@ class HeadRMSNorm(nn.Module):
 
 
 def rope_table(seq_len: int, head_dim: int, base: float) -> Tensor:
-    """(seq_len, head_dim/2, 2) cos/sin table, rounded to bfloat16 as upstream does, kept as fp32."""
+    """(seq_len, head_dim/2, 2) cos/sin table, rounded to bfloat16 as upstream does, kept as fp32.
+    Built through torch.polar like upstream: cos/sin differ in rare last bits otherwise, which
+    the bf16 rounding turns into whole-step differences at long positions."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
-    table = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
+    cis = torch.polar(torch.ones_like(angles), angles)
+    table = torch.stack([cis.real, cis.imag], dim=-1)
     return table.to(torch.bfloat16).float()
 
 
@@ -92,12 +95,20 @@ class KVCache:
         self.v = torch.cat([self.v, pad.clone()], dim=2)
 
     def write(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k/v (B, G, T, D) at [start, start+T) and return the valid prefix of the cache."""
+        """Store k/v (B, G, T, D) at [start, start+T) and return the whole cache. Attention masks
+        the unused tail: a fixed shape per capacity lets CPU kernels and CUDA graphs be reused
+        across steps instead of being rebuilt for every new length."""
         end = start + k.size(2)
         self.reserve(end)
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+        return self.k, self.v
+
+
+def causal_mask(start: int, t: int, length: int, device: torch.device) -> Tensor:
+    """Queries at absolute positions start..start+t-1 may see keys 0..their own position."""
+    q_pos = torch.arange(start, start + t, device=device)[:, None]
+    return q_pos >= torch.arange(length, device=device)[None, :]
 
 
 class Attention(nn.Module):
@@ -125,12 +136,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        if self.n_head != self.n_local_heads:
-            rep = self.n_head // self.n_local_heads
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        # GQA without copying the cache: query head h reads KV head h // (n_head / n_local_heads).
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_head != self.n_local_heads)
 
     def forward_rows(self, x: Tensor, rope: Tensor, caches: list[KVCache], starts: list[int]) -> Tensor:
         """One new position per row, each row with its own cache and position: the projections
@@ -140,7 +148,7 @@ class Attention(nn.Module):
         ys = []
         for i in range(b):
             ki, vi = caches[i].write(starts[i], k[i:i + 1], v[i:i + 1])
-            ys.append(self._attend(q[i:i + 1], ki, vi, None))
+            ys.append(self._attend(q[i:i + 1], ki, vi, causal_mask(starts[i], 1, ki.size(2), x.device)))
         y = torch.cat(ys, dim=0)
         return self.wo(y.transpose(1, 2).reshape(b, 1, self.n_head * self.head_dim))
 
@@ -150,13 +158,9 @@ class Attention(nn.Module):
         q, k, v = self._project(x, rope)
         if cache is not None:
             k, v = cache.write(start, k, v)
-        # Queries at absolute positions start..start+t-1 see keys 0..their own position; a single
-        # query at the end of the cache sees everything, so it needs no mask.
-        mask = None
-        if t > 1:
-            q_pos = torch.arange(start, start + t, device=x.device)[:, None]
-            mask = q_pos >= torch.arange(k.size(2), device=x.device)[None, :]
-        y = self._attend(q, k, v, mask)
+            if t > 1:  # prefill: attend over the filled part only (3x fewer keys than capacity)
+                k, v = k[:, :, :start + t], v[:, :, :start + t]
+        y = self._attend(q, k, v, causal_mask(start, t, k.size(2), x.device))
         return self.wo(y.transpose(1, 2).reshape(b, t, q_size))
 
 
