@@ -21,8 +21,8 @@ from pydantic import ValidationError
 
 from engine.audio import encode_audio, float_to_pcm16, mime_type
 from engine.tts_types import Reference, SamplingOptions, TTSRequest
-from server.handler import (SpeechPiece, TurnResult, _named_voice, check_job_audio, parse_job_input, probe_audio,
-                            run_turn)
+from server.handler import (SpeechPiece, TurnResult, named_voice, check_job_audio, frame_limit, parse_job_input,
+                            probe_audio, run_turn)
 from server.http import CONVERSATIONS, SERVICES, SETTINGS, fish_error, read_structured, requires_key
 from server.references import VoiceError, check_id
 from server.schema import RequestError, ServeTTSRequest, describe_validation_error
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 async def _references(req: ServeTTSRequest, request: web.Request) -> tuple[Reference, ...]:
     services, settings = request.app[SERVICES], request.app[SETTINGS]
     if req.reference_id is not None:  # takes priority over inline references, as upstream
-        return _named_voice(services, req.reference_id)
+        return named_voice(services, req.reference_id)
     refs = []
     for i, ref in enumerate(req.references):
         if len(ref.audio) > settings.max_reference_bytes:
@@ -134,7 +134,8 @@ async def tts(request: web.Request) -> web.StreamResponse:
         tts_request = TTSRequest(
             text=req.text, references=await _references(req, request),
             sampling=SamplingOptions(temperature=req.temperature, top_p=req.top_p,
-                                     repetition_penalty=req.repetition_penalty, max_new_tokens=req.max_new_tokens,
+                                     repetition_penalty=req.repetition_penalty,
+                                     max_new_tokens=frame_limit(req.max_new_tokens, settings),
                                      seed=req.seed),
             chunk_length=req.chunk_length, normalize=req.normalize, use_memory_cache=req.use_memory_cache)
         if req.streaming:

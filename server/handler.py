@@ -110,7 +110,7 @@ def parse_job_input(raw: Any, services: Services, settings: Settings) -> ParsedJ
                            f"{need} needs the ASR model to transcribe it, and it is not loaded"
                            + ("; send reference_text (the transcript of system_audio)" if need != "user_audio" else ""))
     if inp.reference_id is not None:
-        _named_voice(services, inp.reference_id)  # unknown ids fail now, not inside the job
+        named_voice(services, inp.reference_id)  # unknown ids fail now, not inside the job
     return ParsedJob(inp, mode, text, system_audio, user_audio)
 
 
@@ -132,7 +132,7 @@ async def check_job_audio(job: ParsedJob, services: Services, settings: Settings
         await probe_audio(job.user_audio, "user_audio", USER_AUDIO_RATE, MAX_USER_AUDIO_SECONDS)
 
 
-def _named_voice(services: Services, reference_id: str) -> tuple[Reference, ...]:
+def named_voice(services: Services, reference_id: str) -> tuple[Reference, ...]:
     from server.references import VoiceError
 
     if services.references is None:
@@ -146,10 +146,18 @@ def _named_voice(services: Services, reference_id: str) -> tuple[Reference, ...]
 
 
 # --------------------------------------------------------------------------- the turn
-def sampling_of(inp: JobInput) -> SamplingOptions:
+def frame_limit(requested: int, settings: Settings) -> int:
+    """A request's max_new_tokens under the operator's cap (0 means "until the model stops")."""
+    cap = settings.max_new_tokens_limit
+    if cap <= 0:
+        return requested
+    return cap if requested <= 0 else min(requested, cap)
+
+
+def sampling_of(inp: JobInput, settings: Settings) -> SamplingOptions:
     return SamplingOptions(temperature=inp.temperature, top_p=inp.top_p, top_k=inp.top_k,
-                           repetition_penalty=inp.repetition_penalty, max_new_tokens=inp.max_new_tokens,
-                           seed=inp.seed)
+                           repetition_penalty=inp.repetition_penalty,
+                           max_new_tokens=frame_limit(inp.max_new_tokens, settings), seed=inp.seed)
 
 
 async def _voice(job: ParsedJob, conv: Conversation, services: Services) -> tuple[Reference, ...]:
@@ -166,7 +174,7 @@ async def _voice(job: ParsedJob, conv: Conversation, services: Services) -> tupl
         conv.voice_text, conv.voice_codes = text, codes
         return (Reference(text=text, codes=codes),)
     if inp.reference_id is not None:
-        refs = _named_voice(services, inp.reference_id)
+        refs = named_voice(services, inp.reference_id)
         if refs[0].audio is not None:  # later turns keep this voice without naming it again
             conv.voice_text = refs[0].text
             conv.voice_codes = await tts.encode_reference(refs[0].audio, use_memory_cache=inp.use_memory_cache)
@@ -188,7 +196,7 @@ async def run_turn(job: ParsedJob, services: Services, settings: Settings,
     async with conversations.turn_lock(conv_id):
         conv = await conversations.load(conv_id)
         references = await _voice(job, conv, services)
-        template = TTSRequest(text="", references=references, sampling=sampling_of(inp),
+        template = TTSRequest(text="", references=references, sampling=sampling_of(inp, settings),
                               chunk_length=inp.chunk_length, normalize=inp.normalize,
                               use_memory_cache=inp.use_memory_cache)
         parts: list[np.ndarray] = []

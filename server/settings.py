@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     max_text_length: int = Field(5000, ge=1)  # characters of text / message per request
     max_reference_bytes: int = Field(10 * 1024 * 1024, ge=1024)  # decoded reference audio bytes (413 above)
     max_reference_seconds: float = Field(90.0, gt=0)
+    max_new_tokens_limit: int = Field(0, ge=0)  # caps every request's frames per text chunk; 0 = no cap
 
     # --- agent mode
     llm_enabled: bool = True  # load an agent LLM at start-up

@@ -96,14 +96,14 @@ class JobManager:
     async def stop(self) -> None:
         """Stop accepting work; running jobs go back to IN_QUEUE so a restart runs them again."""
         self._stopping = True
+        for task in self._tasks:  # workers first, so none picks up another job meanwhile
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         running = list(self._running.values())
         for task in running:
             task.cancel()
         if running:
             await asyncio.wait(running, timeout=10)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
         self._db_thread.shutdown(wait=True)
 
     # ------------------------------------------------------------------ submitting and reading
@@ -223,10 +223,8 @@ class JobManager:
                 job_id = self._pending.popleft()
             task = asyncio.create_task(self._execute(job_id), name=f"job-{job_id}")
             self._running[job_id] = task
-            try:
-                await asyncio.wait([task])
-            finally:
-                self._running.pop(job_id, None)
+            task.add_done_callback(lambda _t, job_id=job_id: self._running.pop(job_id, None))
+            await asyncio.wait([task])  # a cancelled worker leaves the job to stop()
 
     async def _execute(self, job_id: str) -> None:
         row = await self._db(self.store.start, job_id)
