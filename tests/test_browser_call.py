@@ -112,6 +112,10 @@ def test_browser_voice_upload_and_error_messages(tmp_path):
     assert f"“{VOICE_ID}” added" in report["upload_status"], report
     assert report["stored_voices"] == [VOICE_ID]
     assert report["call_voice"] == VOICE_ID and report["call_references"] == [SENTENCE]
+    openai = report["openai_style"]
+    assert openai["status"] == 201 and not openai["offerHadCandidates"], openai
+    assert openai["state"] == "connected" and "session.created" in openai["events"], openai
+    assert report["calls_after_openai_style"] == 0
     assert "Microphone access was denied" in report["mic_denied"], report
     assert report["calls_after_denied"] == 0
     assert "ended the call" in report["call_dropped"] or "dropped" in report["call_dropped"], report
@@ -268,9 +272,40 @@ async def _call_scenario(server, page: Page, report: dict) -> None:
     report["server"]["close_reason"] = call.close_reason
 
 
+# A client written for OpenAI's Realtime API, unchanged but for the base URL: it posts the offer
+# straight after setLocalDescription, so the offer has no candidates (ICE then finds the browser
+# through its connectivity checks: peer-reflexive candidates).
+OPENAI_STYLE_CLIENT = """
+const done = arguments[arguments.length - 1];
+(async () => {
+  const pc = new RTCPeerConnection();
+  const mic = await navigator.mediaDevices.getUserMedia({ audio: true });
+  pc.addTrack(mic.getTracks()[0], mic);
+  const dc = pc.createDataChannel("oai-events");
+  const events = [];
+  dc.onmessage = (e) => events.push(JSON.parse(e.data).type);
+  const offer = await pc.createOffer();
+  await pc.setLocalDescription(offer);
+  const resp = await fetch("/v1/realtime/calls", {
+    method: "POST", body: offer.sdp, headers: { "Content-Type": "application/sdp" } });
+  await pc.setRemoteDescription({ type: "answer", sdp: await resp.text() });
+  const t0 = performance.now();
+  while (!events.includes("session.created") && performance.now() - t0 < 10000) {
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  const result = { status: resp.status, state: pc.connectionState, events,
+                   offerHadCandidates: offer.sdp.includes("a=candidate") };
+  await fetch(resp.headers.get("Location"), { method: "DELETE" });
+  pc.close();
+  mic.getTracks().forEach((t) => t.stop());
+  done(result);
+})().catch((e) => done({ error: String(e) }));
+"""
+
+
 async def _page_scenario(server, wav: Path, workdir: Path, report: dict) -> None:
-    """Uploading a reference voice from the page; what the page says when the mic is denied, the
-    call drops, and the server is down."""
+    """Uploading a reference voice from the page; an OpenAI-style client; what the page says when
+    the mic is denied, the call drops, and the server is down."""
     denied = Page(await asyncio.get_running_loop().run_in_executor(
         None, lambda: _chrome(wav, workdir / "profile-denied", deny_mic=True)))
     try:
@@ -293,6 +328,9 @@ async def _page_scenario(server, wav: Path, workdir: Path, report: dict) -> None
         await page.until(f"document.getElementById('voice').value === {json.dumps(VOICE_ID)}", 15)
         report["upload_status"] = await page.text("ref-status")
         report["stored_voices"] = server.services.references.list_ids()
+        await page.run(page.driver.set_script_timeout, 20)
+        report["openai_style"] = await page.run(page.driver.execute_async_script, OPENAI_STYLE_CLIENT)
+        report["calls_after_openai_style"] = len(server.calls)
         await page.click("call")
         await page.until("window.fishvoice.state.phase === 'connected'", 15)
         await page.until("window.fishvoice.state.session", 5)
