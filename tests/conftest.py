@@ -4,8 +4,12 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tiny models are all per-op overhead: one intra-op thread is faster than two and does not stall
+# when other processes (ASR, llama.cpp, a browser) hold the second core.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
