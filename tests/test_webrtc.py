@@ -299,8 +299,8 @@ async def test_data_channel_protocol_and_small_packets(server, connect, monkeypa
     assert err["error"]["param"] == "threshold"
 
     client.send({"type": "session.update", "session": {
-        "mode": "tts", "instructions": "Be brief.", "audio": {"input": {"turn_detection": {"silence_duration_ms": 800}}},
-        "sampling": {"max_new_tokens": 30}}})
+        "mode": "tts", "instructions": "Be brief.",
+        "audio": {"input": {"turn_detection": {"silence_duration_ms": 800}}}, "sampling": {"max_new_tokens": 30}}})
     updated = (await client.wait_for("session.updated"))["session"]
     assert (updated["mode"], updated["instructions"]) == ("tts", "Be brief.")
     assert updated["turn_detection"]["silence_duration_ms"] == 800 and updated["sampling"]["max_new_tokens"] == 30
