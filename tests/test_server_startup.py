@@ -1,0 +1,81 @@
+"""The start-up contract: `python -m server serve` with flags and environment equivalents, ready
+when /health answers, and still serving (with clear 503s) when the model cannot be loaded."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from server.__main__ import settings_from_args, settings_parser
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_health(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else "server exited"
+        try:
+            return requests.get(f"{url}/health", timeout=2).json()
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    raise AssertionError("the server never answered /health")
+
+
+def test_serves_without_the_model_and_says_why(tmp_path):
+    port = free_port()
+    # The Makefile's default checkpoint (the gated s1-mini repo) on a machine that cannot fetch it.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PORT": str(port), "API_KEY": "k",
+           "MODE": "agent", "ASR_MODEL": "none", "LLM_ENABLED": "false", "DATA_DIR": str(tmp_path / "data")}
+    env.pop("CHECKPOINT", None)
+    proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--mode", "tts"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        health = wait_health(url, proc)  # no key needed
+        assert health["status"] == "unavailable" and health["mode"] == "tts"  # the flag beat MODE=agent
+        assert health["model"]["checkpoint"] == "s1-mini" and health["model"]["loaded"] is False
+        reason = health["model"]["error"]
+        assert "fishaudio/openaudio-s1-mini" in reason and "--checkpoint" in reason
+        run = requests.post(f"{url}/run", json={"input": {"text": "Hello"}}, headers={"Authorization": "Bearer k"})
+        assert run.status_code == 503 and run.json()["error"] == f"the TTS model is not loaded: {reason}"
+        assert requests.post(f"{url}/run", json={"input": {"text": "Hello"}}).status_code == 401
+        tts = requests.post(f"{url}/v1/tts", json={"text": "Hello"}, headers={"Authorization": "Bearer k"})
+        assert tts.status_code == 503 and reason in tts.json()["message"]
+        assert requests.get(f"{url}/ping").status_code == 503
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0
+    assert f"serving on http://127.0.0.1:{port} (mode tts, checkpoint s1-mini)" in proc.stdout.read()
+
+
+def test_flags_override_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("PORT", "9001")
+    monkeypatch.setenv("MODE", "tts")
+    monkeypatch.setenv("CORS_ORIGINS", "https://a.example, https://b.example")
+    monkeypatch.setenv("QUEUE_SIZE", "7")
+    args = settings_parser().parse_args(["--port", "9100", "--checkpoint", str(tmp_path), "--api-key", "s3cret",
+                                         "--llm-enabled", "false", "--ice-servers", "stun:stun.example:3478"])
+    settings = settings_from_args(args)
+    assert (settings.port, settings.mode, settings.queue_size) == (9100, "tts", 7)
+    assert settings.checkpoint == str(tmp_path) and settings.api_key == "s3cret" and settings.llm_enabled is False
+    assert settings.cors_origins == ["https://a.example", "https://b.example"]
+    assert settings.ice_servers == ["stun:stun.example:3478"]
+    assert settings.result_ttl >= 1800  # results are kept at least 30 minutes
