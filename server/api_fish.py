@@ -63,8 +63,9 @@ async def _stream_pcm(request: web.Request, pieces: AsyncIterator[np.ndarray], s
                 await response.write(float_to_pcm16(first).tobytes())
                 async for pcm in pieces:
                     await response.write(float_to_pcm16(pcm).tobytes())
-        except (ConnectionError, asyncio.CancelledError):
-            raise
+        except ConnectionError:  # the client left; closing `pieces` stops the model work
+            log.info("/v1/tts client disconnected mid-stream")
+            return response
         except Exception:  # noqa: BLE001 - headers are out: cut the stream so the client sees it fail
             log.exception("/v1/tts stream failed after it started")
             if request.transport is not None:

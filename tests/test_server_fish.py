@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 import wave
 
 import msgpack
@@ -197,3 +198,18 @@ def test_cors_preflight_and_headers(tts_engine, tmp_path):
         streamed = requests.post(f"{live.url}/v1/tts", json={"text": "Hi.", "streaming": True},
                                  headers={**AUTH, "Origin": "https://b.example"})
         assert streamed.status_code == 200 and streamed.headers["Access-Control-Allow-Origin"] == "https://b.example"
+
+
+def test_client_leaving_a_stream_stops_the_model(tts_engine, tmp_path):
+    settings = Settings(data_dir=tmp_path, api_key=None, asr_model="none", llm_enabled=False, mode="tts",
+                        max_new_tokens_limit=0, cors_origins=[])
+    with LiveServer(settings, Services(tts=tts_engine)) as live:
+        response = requests.post(f"{live.url}/v1/tts", stream=True,
+                                 json={"text": "A long, long speech. " * 10, "streaming": True, "max_new_tokens": 8000})
+        assert next(response.iter_content(chunk_size=None))
+        assert tts_engine.active_requests == 1
+        response.close()
+        deadline = time.monotonic() + 2.0
+        while tts_engine.active_requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert tts_engine.active_requests == 0

