@@ -111,7 +111,12 @@ async def purge_queue(request: web.Request) -> web.Response:
 def model_state(request: web.Request) -> dict[str, Any]:
     services, settings = request.app[SERVICES], request.app[SETTINGS]
     tts_loaded = services.tts is not None
-    state = "loading" if services.loading else ("ok" if tts_loaded else "unavailable")
+    if services.loading:
+        state = "loading"
+    elif not tts_loaded:
+        state = "unavailable"
+    else:  # agent mode without its LLM still serves requests that say "tts": true
+        state = "degraded" if settings.mode == "agent" and services.llm is None else "ok"
     model: dict[str, Any] = {"checkpoint": settings.checkpoint, "loaded": tts_loaded}
     if not tts_loaded and not services.loading:
         model["error"] = services.errors.get("tts", "not loaded")

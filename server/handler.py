@@ -104,11 +104,12 @@ def parse_job_input(raw: Any, services: Services, settings: Settings) -> ParsedJ
             services.require_llm()
     except ServiceUnavailable as exc:
         raise RequestError(503, str(exc)) from None
-    if (user_audio is not None or (system_audio is not None and not inp.reference_text)) and services.asr is None:
-        need = "user_audio" if user_audio is not None else "system_audio without reference_text"
-        raise RequestError(400 if need != "user_audio" else 503,
-                           f"{need} needs the ASR model to transcribe it, and it is not loaded"
-                           + ("; send reference_text (the transcript of system_audio)" if need != "user_audio" else ""))
+    if services.asr is None:
+        if user_audio is not None:
+            raise RequestError(503, "user_audio needs the ASR model to transcribe it, and it is not loaded")
+        if system_audio is not None and not inp.reference_text:
+            raise RequestError(400, "system_audio without reference_text needs the ASR model to transcribe it, "
+                                    "and it is not loaded; send reference_text (the transcript of system_audio)")
     if inp.reference_id is not None:
         named_voice(services, inp.reference_id)  # unknown ids fail now, not inside the job
     return ParsedJob(inp, mode, text, system_audio, user_audio)
@@ -234,7 +235,9 @@ async def run_turn(job: ParsedJob, services: Services, settings: Settings,
             reply_text, transcript, history = reply.text, reply.transcript, reply.history
             spoken = " ".join(reply.sentences)
         pcm = np.concatenate(parts).astype(np.float32, copy=False) if parts else np.zeros(0, np.float32)
-        if not conv.has_voice and spoken and 0 < len(pcm) <= VOICE_FROM_OUTPUT_MAX_SECONDS * tts.sample_rate:
+        named = inp.conversation_id is not None  # the caller means to continue this conversation
+        short = 0 < len(pcm) <= VOICE_FROM_OUTPUT_MAX_SECONDS * tts.sample_rate
+        if named and not conv.has_voice and spoken and short:
             # No reference was ever given: keep this reply's voice for the rest of the conversation.
             wav = await asyncio.to_thread(encode_audio, pcm, tts.sample_rate, "wav")
             conv.voice_codes = await tts.encode_reference(wav, use_memory_cache=False)
@@ -269,7 +272,9 @@ def stream_items(piece: SpeechPiece, first_index: int) -> list[dict[str, Any]]:
 
 
 async def final_output(result: TurnResult, inp: JobInput, chunks: int) -> dict[str, Any]:
-    audio = await asyncio.to_thread(encode_audio, result.pcm, result.sample_rate, inp.format) if len(result.pcm) else b""
+    audio = b""
+    if len(result.pcm):
+        audio = await asyncio.to_thread(encode_audio, result.pcm, result.sample_rate, inp.format)
     out: dict[str, Any] = {
         "status": "success",
         "mode": result.mode,

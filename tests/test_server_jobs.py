@@ -189,6 +189,24 @@ def test_guide_conversation_history_keeps_history_and_voice(server):
     assert bare["output"]["conversation_id"] != "session-123"
 
 
+def test_a_named_conversation_keeps_its_first_replys_voice(server):
+    """Without any reference, a conversation's later turns speak in the voice of its first reply."""
+    url = f"{server.url}/runsync"
+    first = requests.post(url, json={"input": {"text": "Hello there.", "conversation_id": "no-ref", "seed": 1,
+                                               "streaming": False}}, headers=AUTH).json()["output"]
+    later = requests.post(url, json={"input": {"text": "Second turn.", "conversation_id": "no-ref", "seed": 2,
+                                               "streaming": False}}, headers=AUTH).json()["output"]
+    # The first reply used as an explicit reference gives the very same audio...
+    explicit = requests.post(url, json={"input": {"text": "Second turn.", "system_audio": first["audio"],
+                                                  "reference_text": "Hello there.", "seed": 2,
+                                                  "streaming": False}}, headers=AUTH).json()["output"]
+    assert explicit["audio"] == later["audio"]
+    # ...and no reference at all does not.
+    bare = requests.post(url, json={"input": {"text": "Second turn.", "seed": 2, "streaming": False}},
+                         headers=AUTH).json()["output"]
+    assert bare["audio"] != later["audio"]
+
+
 def test_guide_safe_request(server, capsys):
     ENDPOINT = f"{server.url}/runsync"
     API_KEY = KEY
@@ -472,6 +490,20 @@ def test_bad_requests_get_clear_errors(server, body, status, message):
     assert message in error["error"] and error["output"] == {"status": "error", "error": error["error"]}
 
 
+def test_body_over_the_size_limit_is_413(server):
+    huge = {"input": {"text": "x", "padding": "y" * (4 * 1024 * 1024)}}  # over 4 x 256 KiB + 2 MiB
+    response = requests.post(f"{server.url}/run", json=huge, headers=AUTH)
+    assert response.status_code == 413 and "request body is larger than the" in response.json()["error"]
+
+
+def test_realtime_routes_share_the_app(server):
+    config = requests.get(f"{server.url}/v1/realtime/config", headers=AUTH)
+    assert config.status_code == 200 and config.json()["modes"] == ["tts"] and config.json()["ice_servers"] == []
+    assert requests.get(f"{server.url}/v1/realtime/config").status_code == 401
+    page = requests.get(f"{server.url}/")
+    assert page.status_code == 200 and "<html" in page.text.lower()
+
+
 def test_unknown_job_ids_are_404(server):
     for method, path in (("get", "/status/nope"), ("post", "/status/nope"), ("get", "/stream/nope"),
                          ("post", "/cancel/nope"), ("get", "/v2/e/status/nope")):
@@ -493,10 +525,10 @@ def test_auth_is_enforced_except_for_health(server):
     assert requests.get(f"{server.url}/ping").status_code == 200
 
 
-def test_server_without_a_model_answers_503_with_the_reason(tmp_path):
+def test_server_without_a_model_answers_503_with_the_reason(tts_engine, tmp_path):
     reason = "checkpoint directory /models/missing does not exist"
     services = Services(errors={"tts": reason})
-    with LiveServer(settings_for(tmp_path), services) as live:
+    with LiveServer(settings_for(tmp_path, mode="agent"), services) as live:
         health = requests.get(f"{live.url}/health").json()
         assert health["status"] == "unavailable" and health["model"] == {
             "checkpoint": "s1-mini", "loaded": False, "error": reason}
@@ -505,6 +537,11 @@ def test_server_without_a_model_answers_503_with_the_reason(tmp_path):
         tts = requests.post(f"{live.url}/v1/tts", json={"text": "Hello"}, headers=AUTH)
         assert tts.status_code == 503 and reason in tts.json()["message"]
         assert requests.get(f"{live.url}/ping").status_code == 503
+    with LiveServer(settings_for(tmp_path, mode="agent"), Services(tts=tts_engine, errors={"llm": "no GGUF"})) as live:
+        health = requests.get(f"{live.url}/health").json()
+        assert health["status"] == "degraded" and health["components"]["llm"] == {"loaded": False, "error": "no GGUF"}
+        agent = post_run(live.url, {"input": {"message": "Hi"}})
+        assert agent.status_code == 503 and "the agent LLM is not loaded: no GGUF" in agent.json()["error"]
 
 
 def test_agent_mode_replies_and_speaks(tts_engine, tmp_path):
