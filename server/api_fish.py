@@ -171,7 +171,7 @@ def _ref_error(request: web.Request, status: int, message: str) -> web.Response:
 
 
 async def _reference_body(request: web.Request) -> dict[str, Any]:
-    body = await read_structured(request, allow_form=True)
+    body = await read_structured(request, allow_form=True) if request.can_read_body else {}
     for key, value in request.query.items():  # ids may also come in the query string
         if key != "format":
             body.setdefault(key, value)

@@ -146,7 +146,7 @@ def test_references_lifecycle(server, tts_engine):
     assert requests.get(f"{url}/list?format=json", headers=AUTH).json()["reference_ids"] == ["renamed"]
     missing = requests.post(f"{url}/update", headers=JSON, json={"old_reference_id": "nope", "new_reference_id": "x"})
     assert missing.status_code == 404
-    deleted = requests.delete(f"{url}/delete", headers=JSON, json={"reference_id": "renamed"})
+    deleted = requests.delete(f"{url}/delete", headers=JSON, params={"reference_id": "renamed"})
     assert deleted.status_code == 200 and deleted.json()["success"] is True
     gone = requests.delete(f"{url}/delete", headers=JSON, json={"reference_id": "renamed"})
     assert gone.status_code == 404 and "not found" in gone.json()["message"]

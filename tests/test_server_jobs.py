@@ -316,7 +316,7 @@ def test_guide_streaming_example_plays_raw_pcm(server, monkeypatch):
 def test_stream_chunks_add_up_to_the_final_audio(server):
     job = requests.post(f"{server.url}/run", json={"input": {"text": "Streamed words here.", "streaming": True,
                                                              "format": "wav", "seed": 3}}, headers=AUTH).json()
-    chunks, status = [], None
+    chunks = []
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         body = requests.get(f"{server.url}/stream/{job['id']}", headers=AUTH).json()
