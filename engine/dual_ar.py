@@ -13,21 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .common_layers import FeedForward, RMSNorm, apply_rope, rope_table
 from .config import DualARConfig
-
-
-class RMSNorm(nn.Module):
-    """Normalise in float32, cast back, then scale (the order matters in bf16)."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return y.type_as(x) * self.weight
 
 
 class HeadRMSNorm(nn.Module):
@@ -43,29 +30,6 @@ class HeadRMSNorm(nn.Module):
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
         return y.type_as(x)
-
-
-def rope_table(seq_len: int, head_dim: int, base: float) -> Tensor:
-    """(seq_len, head_dim/2, 2) cos/sin table, rounded to bfloat16 as upstream does, kept as fp32.
-    Built through torch.polar like upstream: cos/sin differ in rare last bits otherwise, which
-    the bf16 rounding turns into whole-step differences at long positions."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
-    cis = torch.polar(torch.ones_like(angles), angles)
-    table = torch.stack([cis.real, cis.imag], dim=-1)
-    return table.to(torch.bfloat16).float()
-
-
-def apply_rope(x: Tensor, table: Tensor) -> Tensor:
-    """x: (B, T, H, D); table: (T, D/2, 2), or (B, T, D/2, 2) when each row has its own positions.
-    Rotates interleaved pairs (2m, 2m+1) in fp32."""
-    xf = x.float().reshape(*x.shape[:-1], -1, 2)
-    rows = table.size(0) if table.dim() == 4 else 1
-    t = table.view(rows, xf.size(1), 1, xf.size(3), 2)
-    cos, sin = t[..., 0], t[..., 1]
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
-    return out.flatten(3).type_as(x)
 
 
 class KVCache:
@@ -162,19 +126,6 @@ class Attention(nn.Module):
                 k, v = k[:, :, :start + t], v[:, :, :start + t]
         y = self._attend(q, k, v, causal_mask(start, t, k.size(2), x.device))
         return self.wo(y.transpose(1, 2).reshape(b, t, q_size))
-
-
-class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class TransformerBlock(nn.Module):

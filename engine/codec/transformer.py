@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..common_layers import FeedForward, RMSNorm, apply_rope
+from ..common_layers import rope_table as bf16_rope_table
 from .config import TransformerShape
 from .layers import StreamState
 
@@ -33,21 +35,9 @@ def rope_table(start: int, length: int, head_dim: int, base: float, device: torc
             table = _ROPE_TABLES.get(key)
             if table is None or table.shape[0] < end:
                 size = max(4096, 1 << (end - 1).bit_length())
-                inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
-                angles = torch.outer(torch.arange(size).float(), inv_freq)
-                rot = torch.polar(torch.ones_like(angles), angles)
-                table = torch.stack([rot.real, rot.imag], dim=-1).to(torch.bfloat16).float().to(device)
+                table = bf16_rope_table(size, head_dim, base).to(device)
                 _ROPE_TABLES[key] = table
     return table[start:end]
-
-
-def apply_rope(x: Tensor, table: Tensor) -> Tensor:
-    """x (B, T, ..., D), table (T, D/2, 2): rotate pairs (2m, 2m+1) in fp32, cast back."""
-    xf = x.float().reshape(*x.shape[:-1], -1, 2)
-    t = table.view(1, xf.shape[1], *([1] * (xf.dim() - 4)), xf.shape[-2], 2)
-    cos, sin = t[..., 0], t[..., 1]
-    x0, x1 = xf[..., 0], xf[..., 1]
-    return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2).type_as(x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,19 +78,6 @@ def windowed_attention(q: Tensor, k: Tensor, v: Tensor, plan: list[AttentionBloc
                                                      attn_mask=p.mask) for p in plan], dim=2)
 
 
-class RMSNorm(nn.Module):
-    """Normalise in float32, cast back, then scale."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
-
-
 class LayerScale(nn.Module):
     def __init__(self, dim: int, init: float = 1e-2) -> None:
         super().__init__()
@@ -108,17 +85,6 @@ class LayerScale(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self.gamma
-
-
-class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class Attention(nn.Module):
