@@ -48,18 +48,27 @@ def realistic_prompt(runner: DualARRunner, text_positions: int, ref_frames: int)
     return p
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+def model_arguments(ap: argparse.ArgumentParser) -> None:
+    """Flags shared by the benchmarks that build a full-size model."""
     ap.add_argument("--family", default="s1-mini", choices=["s1-mini", "s2-pro"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--frames", type=int, default=32)
+
+
+def chosen_dtype(args: argparse.Namespace) -> torch.dtype:
+    return getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    model_arguments(ap)
     ap.add_argument("--text-positions", type=int, default=45)
     ap.add_argument("--ref-frames", type=int, default=215)
     ap.add_argument("--batch", type=int, nargs="*", default=[2, 4],
                     help="also measure N concurrent sequences decoding together")
     args = ap.parse_args()
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+    dtype = chosen_dtype(args)
     t0 = time.perf_counter()
     runner = build(args.family, args.device, dtype)
     print(f"model: {args.family} {dtype} on {args.device}, threads={torch.get_num_threads()}, "

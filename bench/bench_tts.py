@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from bench_generate import build, realistic_prompt
+from bench_generate import build, chosen_dtype, model_arguments, realistic_prompt
 from engine.codec import Codec, CodecConfig, StreamingDecoder
 from engine.tts_types import SamplingOptions
 
@@ -53,13 +53,10 @@ def run_request(runner, codec, prompt, frames: int, every: int, sync) -> tuple[f
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--family", default="s1-mini", choices=["s1-mini", "s2-pro"])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--frames", type=int, default=32)
+    model_arguments(ap)
     ap.add_argument("--every", type=int, default=4, help="decoder push every N frames")
     args = ap.parse_args()
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+    dtype = chosen_dtype(args)
 
     def sync() -> None:
         if args.device == "cuda":
