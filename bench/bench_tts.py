@@ -54,7 +54,7 @@ def run_request(runner, codec, prompt, frames: int, every: int, sync) -> tuple[f
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     model_arguments(ap)
-    ap.add_argument("--every", type=int, default=4, help="decoder push every N frames")
+    ap.add_argument("--every", type=int, default=2, help="decoder push every N frames")
     args = ap.parse_args()
     dtype = chosen_dtype(args)
 

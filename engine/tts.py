@@ -31,7 +31,9 @@ from .tts_types import AudioChunk, Reference, TTSRequest
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STREAM_FRAMES = 4  # ≈186 ms of audio per decoder push
+# ≈93 ms of audio per decoder push. On CPU the codec costs about the same per frame either way,
+# and the first audio leaves two frames earlier than with 4 (measured: 1.41 s vs 1.70 s cold).
+DEFAULT_STREAM_FRAMES = 2
 MAX_REFERENCE_SECONDS = 90.0
 
 
