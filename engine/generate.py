@@ -35,9 +35,10 @@ class PrefixCache:
     ids, so it needs no knowledge of the prompt format.
     """
 
-    def __init__(self, max_entries: int = 8, min_reuse: int = 16) -> None:
+    def __init__(self, max_entries: int = 8, min_reuse: int = 16, max_bytes: int = 1 << 30) -> None:
         self.max_entries = max_entries
         self.min_reuse = min_reuse
+        self.max_bytes = max_bytes  # long conversations make big entries: bound the memory, not just the count
         self._entries: list[tuple[Tensor, list[tuple[Tensor, Tensor]]]] = []  # newest last
         self.hits = 0
 
@@ -54,13 +55,21 @@ class PrefixCache:
         self.hits += 1
         return best, best_kv
 
+    @staticmethod
+    def _nbytes(kv: list[tuple[Tensor, Tensor]]) -> int:
+        return sum(k.numel() * k.element_size() * 2 for k, _ in kv)
+
     def store(self, prompt: Tensor, caches: list) -> None:
         t = prompt.size(1)
+        if caches and self._nbytes([(caches[0].k[:, :, :t], None)]) * len(caches) > self.max_bytes:
+            return  # larger than the whole budget: not worth evicting everything else for
         kv = [(c.k[:, :, :t].clone(), c.v[:, :, :t].clone()) for c in caches]
         self._entries = [e for e in self._entries if not torch.equal(e[0], prompt)] + [(prompt.clone(), kv)]
         excess = len(self._entries) - self.max_entries
         if excess > 0:
             del self._entries[:excess]
+        while len(self._entries) > 1 and sum(self._nbytes(e[1]) for e in self._entries) > self.max_bytes:
+            del self._entries[0]
 
 
 class DualARRunner:

@@ -307,3 +307,18 @@ def test_batched_steps_equal_separate_runs(family):
         got = torch.stack(frames[i], dim=1) if frames[i] else torch.zeros(4, 0, dtype=torch.long)
         assert torch.equal(got, alone[i]), i
     assert sum(a.size(1) for a in alone) >= 8  # most sequences really generated
+
+
+def test_prefix_cache_memory_is_bounded():
+    from engine.generate import PrefixCache
+
+    model = _small_model()
+    # one 40-position entry: 2 layers x (k + v) x 2 heads x 40 x 16 x 4 bytes = 20480 bytes
+    cache = PrefixCache(max_entries=8, max_bytes=50_000)
+    runner = DualARRunner(model, im_end_id=299, prefix_cache=cache)
+    for seed in range(4):
+        generate_codes(runner, _prompt(40, seed=10 + seed), SamplingOptions(greedy=True), 1)
+    assert len(cache._entries) == 2  # the two newest fit in the budget
+    tiny_budget = PrefixCache(max_bytes=1000)
+    generate_codes(DualARRunner(model, 299, prefix_cache=tiny_budget), _prompt(40), SamplingOptions(greedy=True), 1)
+    assert tiny_budget._entries == []
