@@ -141,7 +141,8 @@ async def tts(request: web.Request) -> web.StreamResponse:
             chunk_length=req.chunk_length, normalize=req.normalize, use_memory_cache=req.use_memory_cache)
         if req.streaming:
             return await _stream_pcm(request, _engine_pcm(engine.stream(tts_request)), engine.sample_rate)
-        parts = [chunk.pcm async for chunk in engine.stream(tts_request)]
+        async with contextlib.aclosing(_engine_pcm(engine.stream(tts_request))) as pieces:
+            parts = [pcm async for pcm in pieces]
         pcm = np.concatenate(parts) if parts else np.zeros(0, np.float32)
         return await _audio_file(pcm, engine.sample_rate, req.format)
     except RequestError as exc:
@@ -150,6 +151,9 @@ async def tts(request: web.Request) -> web.StreamResponse:
         return fish_error(503, str(exc))
     except ValueError as exc:  # TTSInputError, AudioDecodeError, AgentInputError
         return fish_error(400, str(exc))
+    except Exception as exc:  # noqa: BLE001 - a failed generation is a 500 with its reason, as upstream
+        log.exception("/v1/tts failed")
+        return fish_error(500, f"generation failed: {type(exc).__name__}: {exc}")
 
 
 # --------------------------------------------------------------------------- references

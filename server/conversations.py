@@ -55,12 +55,14 @@ def _blob_to_codes(blob: bytes) -> np.ndarray:
 
 
 class ConversationStore:
-    def __init__(self, path: Path, ttl_seconds: float = 7 * 24 * 3600.0) -> None:
+    def __init__(self, path: Path, ttl_seconds: float = 7 * 24 * 3600.0, *, shared: bool = False) -> None:
+        """`shared`: the file is used by processes on other machines (RunPod workers on one network
+        volume), where SQLite's WAL mode cannot work; use the rollback journal and file locks."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.ttl_seconds = ttl_seconds
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute(f"PRAGMA journal_mode={'DELETE' if shared else 'WAL'}")
         self._db.execute(_SCHEMA)
         self._db_lock = threading.Lock()
         self._turn_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()

@@ -41,7 +41,7 @@ def setup(settings: Settings | None = None, services: Services | None = None) ->
     _state["settings"] = settings
     _state["services"] = services or load_services_sync(settings)
     _state["conversations"] = ConversationStore(settings.data_dir / "conversations.sqlite3",
-                                                settings.conversation_ttl)
+                                                settings.conversation_ttl, shared=True)
 
 
 async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:

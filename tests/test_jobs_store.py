@@ -81,3 +81,19 @@ def test_conversations_keep_history_and_voice_codes(tmp_path):
     np.testing.assert_array_equal(again.voice_codes, codes)
     assert reopened.purge_expired(now=time.time() + 50) == 0
     assert reopened.purge_expired(now=time.time() + 200) == 1 and reopened.load_sync("c1").is_new
+
+
+def test_a_shared_conversation_file_serves_two_workers(tmp_path):
+    """RunPod workers on one network volume: no WAL (it needs shared memory on one host), and each
+    worker sees the other's turns."""
+    path = tmp_path / "volume" / "conversations.sqlite3"
+    first, second = ConversationStore(path, shared=True), ConversationStore(path, shared=True)
+    assert first._db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    first.save_sync(Conversation("c", [{"role": "user", "content": "from worker one"}]))
+    conv = second.load_sync("c")
+    conv.history.append({"role": "assistant", "content": "from worker two"})
+    second.save_sync(conv)
+    assert [m["content"] for m in first.load_sync("c").history] == ["from worker one", "from worker two"]
+    assert not path.with_name(path.name + "-wal").exists()
+    first.close()
+    second.close()

@@ -97,3 +97,129 @@ async def test_cancelling_the_handler_stops_the_model(loaded_worker, tts_engine)
             break
         await asyncio.sleep(0.01)
     assert tts_engine.active_requests == 0
+
+
+# --------------------------------------------------------------------------- on RunPod, for real
+class FakeRunPod:
+    """RunPod's side of a queue worker, on loopback: job-take and job-stop long polls, and the stream
+    and job-done posts that runpod's own worker loop makes (URLs from the RUNPOD_WEBHOOK_* variables)."""
+
+    def __init__(self) -> None:
+        self.jobs: asyncio.Queue = asyncio.Queue()
+        self.stops: asyncio.Queue = asyncio.Queue()
+        self.streamed: dict[str, list] = {}
+        self.done: dict[str, dict] = {}
+        self.events: dict[str, asyncio.Event] = {}
+
+    def event(self, name: str) -> asyncio.Event:
+        return self.events.setdefault(name, asyncio.Event())
+
+    def app(self):
+        from aiohttp import web
+
+        async def long_poll(queue: asyncio.Queue):
+            try:
+                return await asyncio.wait_for(queue.get(), 0.3)
+            except TimeoutError:
+                return None
+
+        async def job_take(request):
+            job = await long_poll(self.jobs)
+            return web.Response(status=204) if job is None else web.json_response(job)
+
+        async def job_stop(request):
+            job_id = await long_poll(self.stops)
+            return web.Response(status=204) if job_id is None else web.json_response({"jobsToStop": [job_id]})
+
+        async def stream(request):
+            job_id = request.match_info["job_id"]
+            assert request.query["isStream"] == "false"
+            self.streamed.setdefault(job_id, []).append(json.loads(await request.text()))
+            self.event(f"stream:{job_id}").set()
+            return web.json_response({})
+
+        async def done(request):
+            job_id = request.match_info["job_id"]
+            self.done[job_id] = {"isStream": request.query["isStream"], **json.loads(await request.text())}
+            self.event(f"done:{job_id}").set()
+            return web.json_response({})
+
+        app = web.Application()
+        app.router.add_get("/v2/ep/job-take/{worker}", job_take)
+        app.router.add_get("/v2/ep/job-stop/{worker}", job_stop)
+        app.router.add_post("/v2/ep/job-stream/{worker}/{job_id}", stream)
+        app.router.add_post("/v2/ep/job-done/{worker}/{job_id}", done)
+        return app
+
+
+async def test_the_image_entrypoint_runs_the_worker_under_runpods_job_loop(tiny_checkpoint, tmp_path):
+    """docker/entrypoint.sh on RunPod (RUNPOD_WEBHOOK_GET_JOB set) starts the worker; runpod's own job
+    loop takes jobs, streams each chunk, posts the aggregate, and stops a job when told to."""
+    from aiohttp import web
+
+    fake = FakeRunPod()
+    runner = web.AppRunner(fake.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v2/ep"  # type: ignore[union-attr]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "CHECKPOINT": str(tiny_checkpoint), "MODE": "tts", "ASR_MODEL": "none", "LLM_ENABLED": "false",
+           "DATA_DIR": str(tmp_path), "DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "CONCURRENT_JOBS": "1",
+           "OMP_NUM_THREADS": "1", "RUNPOD_LOG_LEVEL": "INFO",
+           "RUNPOD_WEBHOOK_GET_JOB": f"{base}/job-take/$ID?gpu=none",
+           "RUNPOD_WEBHOOK_POST_STREAM": f"{base}/job-stream/$RUNPOD_POD_ID/$ID?gpu=none",
+           "RUNPOD_WEBHOOK_POST_OUTPUT": f"{base}/job-done/$RUNPOD_POD_ID/$ID?gpu=none",
+           "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true", "RUNPOD_SKIP_GPU_CHECK": "true"}
+    for name in ("RUNPOD_POD_ID", "RUNPOD_AI_API_KEY", "RUNPOD_WEBHOOK_PING"):
+        env.pop(name, None)
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "wb") as log:
+        proc = await asyncio.create_subprocess_exec("sh", str(REPO / "docker" / "entrypoint.sh"), cwd=tmp_path,
+                                                    env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    async def finished(job_id: str, timeout: float) -> dict:
+        try:
+            await asyncio.wait_for(fake.event(f"done:{job_id}").wait(), timeout)
+        except TimeoutError:
+            raise AssertionError(f"no result for {job_id}; worker log:\n{log_path.read_text()[-3000:]}") from None
+        return fake.done[job_id]
+
+    try:
+        # A streaming job: every chunk is posted as it comes, and the result is the list of them all.
+        await fake.jobs.put({"id": "job-a", "input": {"text": "Hello from a RunPod worker.", "streaming": True,
+                                                      "max_new_tokens": 16, "seed": 1}})
+        result = await finished("job-a", 120)
+        items = result["output"]
+        assert result["isStream"] == "true" and items[-1]["status"] == "success" and "audio" not in items[-1]
+        assert len(items) >= 3 and items[-1]["chunks"] == len(items) - 1
+        assert [post["output"] for post in fake.streamed["job-a"]] == items
+        pcm = b"".join(base64.b64decode(item["audio"]) for item in items[:-1])
+        assert len(pcm) // 2 == pytest.approx(items[-1]["duration"] * 44100, abs=45)
+
+        # A bad input fails the job with our message.
+        await fake.jobs.put({"id": "job-b", "input": {"text": "Hi", "format": "aiff"}})
+        failed = await finished("job-b", 30)
+        assert "output" not in failed and "format: Input should be 'wav'" in failed["error"]
+
+        # A stop signal for a running job (RunPod's /cancel) ends it; with one job at a time, the
+        # next job only starts once the model has let the stopped one go.
+        await fake.jobs.put({"id": "job-c", "input": {"text": "A very long speech. " * 30, "streaming": True,
+                                                      "max_new_tokens": 8000}})
+        await asyncio.wait_for(fake.event("stream:job-c").wait(), 30)
+        await fake.stops.put("job-c")
+        await fake.jobs.put({"id": "job-d", "input": {"text": "Next one.", "streaming": False,
+                                                      "max_new_tokens": 8}})
+        after = await finished("job-d", 30)
+        assert after["output"][0]["status"] == "success" and after["output"][0]["audio"]
+        assert "job-c" not in fake.done  # RunPod already knows it stopped it: no result is posted
+        assert "Job stopped." in log_path.read_text()
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 15)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        await runner.cleanup()

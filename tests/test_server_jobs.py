@@ -369,6 +369,36 @@ def test_cancel_running_job_frees_the_model(tts_engine, tmp_path):
         assert again["status"] == "COMPLETED"
 
 
+def test_cancel_a_queued_job_before_it_runs(tts_engine, tmp_path):
+    settings = settings_for(tmp_path, concurrent_jobs=1, max_new_tokens_limit=0)
+    with LiveServer(settings, Services(tts=tts_engine)) as live:
+        running = requests.post(f"{live.url}/run", json={"input": {"text": "Long. " * 30, "max_new_tokens": 8000}},
+                                headers=AUTH).json()
+        deadline = time.monotonic() + 20
+        while requests.get(f"{live.url}/status/{running['id']}", headers=AUTH).json()["status"] != "IN_PROGRESS":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        queued = requests.post(f"{live.url}/run", json={"input": {"text": "Never spoken."}}, headers=AUTH).json()
+        assert requests.get(f"{live.url}/status/{queued['id']}", headers=AUTH).json() == {
+            "id": queued["id"], "status": "IN_QUEUE"}
+        cancelled = requests.post(f"{live.url}/v2/e/cancel/{queued['id']}", headers=AUTH)
+        assert cancelled.status_code == 200 and cancelled.json() == {"id": queued["id"], "status": "CANCELLED"}
+        # It never started (no delay or execution time), and the running job goes on.
+        assert requests.get(f"{live.url}/status/{queued['id']}", headers=AUTH).json() == {
+            "id": queued["id"], "status": "CANCELLED"}
+        health = requests.get(f"{live.url}/health").json()
+        assert health["jobs"]["inQueue"] == 0 and health["jobs"]["inProgress"] == 1
+        assert requests.get(f"{live.url}/status/{running['id']}", headers=AUTH).json()["status"] == "IN_PROGRESS"
+        assert requests.post(f"{live.url}/cancel/{running['id']}", headers=AUTH).json()["status"] == "CANCELLED"
+        assert engine_idle(tts_engine)
+
+
+def test_runsync_wait_must_be_milliseconds(server):
+    response = requests.post(f"{server.url}/runsync?wait=soon", json={"input": {"text": "x"}}, headers=AUTH)
+    assert response.status_code == 400
+    assert response.json()["error"] == "wait must be an integer number of milliseconds"
+
+
 def test_runsync_answers_in_progress_when_the_wait_ends(tts_engine, tmp_path):
     settings = settings_for(tmp_path, max_new_tokens_limit=0, runsync_wait=0.3)
     with LiveServer(settings, Services(tts=tts_engine)) as live:

@@ -79,3 +79,36 @@ def test_flags_override_the_environment(monkeypatch, tmp_path):
     assert settings.cors_origins == ["https://a.example", "https://b.example"]
     assert settings.ice_servers == ["stun:stun.example:3478"]
     assert settings.result_ttl >= 1800  # results are kept at least 30 minutes
+
+
+def test_image_entrypoint_serves_a_loaded_model(tiny_checkpoint, tmp_path):
+    """docker/entrypoint.sh off RunPod: the HTTP server with the model loaded at start-up, MODE honoured,
+    extra flags passed through; a bad MODE is refused before anything starts."""
+    entrypoint = str(REPO / "docker" / "entrypoint.sh")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
+           "CHECKPOINT": str(tiny_checkpoint), "DEVICE": "cpu", "ASR_MODEL": "none", "LLM_ENABLED": "false",
+           "DATA_DIR": str(tmp_path / "data"), "OMP_NUM_THREADS": "1"}
+    env.pop("RUNPOD_WEBHOOK_GET_JOB", None)
+    bad = subprocess.run(["sh", entrypoint], env={**env, "MODE": "speak"}, capture_output=True, text=True,
+                         timeout=30)
+    assert bad.returncode == 2 and "MODE must be 'agent' or 'tts', got 'speak'" in bad.stderr
+
+    port = free_port()
+    proc = subprocess.Popen(["sh", entrypoint, "serve", "--api-key", "k", "--max-new-tokens-limit", "8"],
+                            env={**env, "MODE": "tts", "HOST": "127.0.0.1", "PORT": str(port)}, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        health = wait_health(url, proc)
+        assert health["status"] == "ok" and health["mode"] == "tts" and health["model"]["loaded"] is True
+        job = requests.post(f"{url}/runsync", json={"input": {"text": "Served from the image.", "streaming": False}},
+                            headers={"Authorization": "Bearer k"}, timeout=60).json()
+        assert job["status"] == "COMPLETED" and job["output"]["mode"] == "tts" and job["output"]["duration"] > 0
+        assert requests.post(f"{url}/run", json={"input": {"text": "x"}}).status_code == 401
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
