@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from server.handler import check_job_audio, parse_job_input
+from server.handler import precheck_job, parse_job_input
 from server.http import JOBS, SERVICES, SETTINGS, job_error, read_json, requires_key
 from server.jobs import FINAL_STATES, QueueFull
 from server.schema import JobRequest, RequestError, describe_validation_error
@@ -36,7 +36,7 @@ async def _accept(request: web.Request, id_prefix: str = "") -> str:
                                 "(send {\"input\": {...}})") from None
     services, settings = request.app[SERVICES], request.app[SETTINGS]
     job = parse_job_input(envelope.input, services, settings)
-    await check_job_audio(job, services, settings)
+    await precheck_job(job, services, settings)
     timeout = None
     if envelope.policy is not None and envelope.policy.executionTimeout:
         timeout = envelope.policy.executionTimeout / 1000.0

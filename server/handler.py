@@ -124,9 +124,18 @@ async def probe_audio(data: bytes, field: str, sample_rate: int, max_seconds: fl
         raise RequestError(status, f"{field}: {exc}") from None
 
 
-async def check_job_audio(job: ParsedJob, services: Services, settings: Settings) -> None:
-    """The checks of `parse_job_input` that need decoding (run before a job is queued)."""
+async def precheck_job(job: ParsedJob, services: Services, settings: Settings) -> None:
+    """The checks of `parse_job_input` that need the model's helpers or decoding (run before a job
+    is queued, so bad input is a 400 rather than a failed job)."""
     tts = services.require_tts()
+    prepare_text = getattr(tts, "prepare_text", None)  # the engine's normalise-and-split step
+    if job.mode == "tts" and prepare_text is not None:
+        try:
+            prepare_text(TTSRequest(text=job.text or "", chunk_length=job.input.chunk_length,
+                                    normalize=job.input.normalize))
+        except ValueError:
+            raise RequestError(400, "text has nothing to speak once normalized (only punctuation or symbols?)") \
+                from None
     if job.system_audio is not None:
         await probe_audio(job.system_audio, "system_audio", tts.sample_rate, settings.max_reference_seconds)
     if job.user_audio is not None:

@@ -68,7 +68,7 @@ def _on_off(value: Any) -> Any:
 class JobInput(BaseModel):
     """`input` of a job, as the original RunPod endpoint documented it (plus a few extensions)."""
 
-    model_config = ConfigDict(extra="ignore", str_strip_whitespace=False)
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=False, allow_inf_nan=False)
 
     message: str | None = None  # agent mode: what the user says
     text: str | None = None  # TTS mode: what to speak
@@ -97,6 +97,11 @@ class JobInput(BaseModel):
     @classmethod
     def _cache_flag(cls, value: Any) -> Any:
         return _on_off(value)
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _format_any_case(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("message", "text", "reference_text", "system_message", "conversation_id", "reference_id",
                      "system_audio", "user_audio", mode="before")
@@ -141,7 +146,7 @@ class ServeReference(BaseModel):
 class ServeTTSRequest(BaseModel):
     """Upstream Fish Speech's /v1/tts body (defaults of its current HTTP server)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     text: str
     chunk_length: int = Field(200, ge=50, le=1000)

@@ -102,6 +102,7 @@ def test_job_shaped_body_streams_pcm(server):
     ({"json": {"text": "hi", "temperature": 1.5}}, 400, "temperature: Input should be less than or equal to 1"),
     ({"json": {"chunk_length": 200}}, 400, "text: Field required"),
     ({"json": {"text": ""}}, 400, "text is empty"),
+    ({"json": {"text": "...", "streaming": True}}, 400, "text is empty"),
     ({"json": {"text": "hi", "reference_id": "missing-voice"}}, 404, "reference_id 'missing-voice' not found"),
     ({"json": {"text": "hi", "reference_id": "../etc"}}, 400, "may only contain letters"),
     ({"json": {"text": "hi", "references": [{"audio": base64.b64encode(b"x" * 300).decode(), "text": "t"}]}},

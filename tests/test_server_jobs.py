@@ -334,7 +334,7 @@ def test_stream_chunks_add_up_to_the_final_audio(server):
     np.testing.assert_array_equal(streamed, wav_samples(base64.b64decode(final["output"]["audio"])))
 
 
-@pytest.mark.parametrize("fmt", ["mp3", "flac", "opus", "pcm"])
+@pytest.mark.parametrize("fmt", ["mp3", "flac", "opus", "pcm", "FLAC"])
 def test_output_formats_decode(server, fmt):
     body = requests.post(f"{server.url}/runsync", json={"input": {"text": "Format check.", "format": fmt,
                                                                   "streaming": False}}, headers=AUTH).json()
@@ -503,6 +503,8 @@ def post_run(base: str, body, headers=AUTH, path="/run") -> requests.Response:
     ({"input": {"text": 5}}, 400, "text: Input should be a valid string"),
     ({"input": {"tts": True}}, 400, "text is required in TTS mode"),
     ({"input": {"text": "   "}}, 400, "text is required in TTS mode"),
+    ({"input": {"text": "... !?"}}, 400, "text has nothing to speak once normalized"),
+    (b'{"input": {"text": "x", "temperature": NaN}}', 400, "temperature: Input should be a finite number"),
     ({"input": {"text": "x", "system_audio": "not base64!"}}, 400, "system_audio is not valid base64"),
     ({"input": {"text": "x", "reference_text": "r",
                 "system_audio": base64.b64encode(b"definitely not audio" * 50).decode()}},
