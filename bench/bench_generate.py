@@ -54,6 +54,8 @@ def model_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--frames", type=int, default=32)
+    ap.add_argument("--decode", default="auto", choices=["auto", "static", "dynamic"],
+                    help="static slots with on-device sampling (CUDA graphs on a GPU); auto = static on CUDA")
 
 
 def chosen_dtype(args: argparse.Namespace) -> torch.dtype:
@@ -73,6 +75,10 @@ def main() -> None:
     runner = build(args.family, args.device, dtype)
     print(f"model: {args.family} {dtype} on {args.device}, threads={torch.get_num_threads()}, "
           f"built in {time.perf_counter() - t0:.1f} s")
+    static = args.decode == "static" or (args.decode == "auto" and args.device == "cuda")
+    if static:
+        runner.enable_static_decode(slots=max([1] + args.batch))
+    print(f"decode path: {'static' + (' + CUDA graphs' if runner.static.use_cuda_graphs else '') if static else 'dynamic'}")
     prompt = realistic_prompt(runner, args.text_positions, args.ref_frames)
     sampling = SamplingOptions(temperature=0.7, top_p=0.7, seed=0)
 
@@ -105,6 +111,7 @@ def main() -> None:
     gen2.step()
     sync()
     t_follow = time.perf_counter() - t2
+    gen2.close()
     batch_lines = []
     for n_seq in args.batch:
         gens = [runner.start(prompt, SamplingOptions(seed=i), args.frames + 1) for i in range(n_seq)]
@@ -125,6 +132,8 @@ def main() -> None:
     print(f"decode: {n} frames in {dt:.2f} s = {n / dt:.2f} frames/s (real-time factor {21.53 / (n / dt):.2f})")
     for line in batch_lines:
         print(line)
+    if static and runner.static.graph_error:
+        print(f"CUDA graphs failed, ran eagerly: {runner.static.graph_error}")
     print(f"peak RSS: {peak:.0f} MiB" + (f", peak CUDA: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
                                           if args.device == "cuda" else ""))
 

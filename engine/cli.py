@@ -125,7 +125,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_tts(args: argparse.Namespace) -> None:
     from .tts import TTSEngine
 
-    engine = TTSEngine.load(args.checkpoint, args.device, args.dtype)
+    engine = TTSEngine.load(args.checkpoint, args.device, args.dtype, args.decode_slots)
     refs: tuple[Reference, ...] = ()
     if args.reference:
         refs = (Reference(text=args.reference_text or "", audio=Path(args.reference).read_bytes()),)
@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     tts.add_argument("--chunk-length", type=int, default=200)
     tts.add_argument("--stream-every", type=int, default=None, help="decoder cadence in frames")
     tts.add_argument("--no-normalize", action="store_true")
+    tts.add_argument("--decode-slots", type=int, default=None,
+                     help="static decode slots with on-device sampling (CUDA graphs); default 4 on CUDA, 0 on CPU")
     tts.add_argument("--output", required=True, help=".wav (32-bit float), .mp3, .flac, .opus or .npy")
     tts.set_defaults(func=cmd_tts)
 

@@ -46,6 +46,13 @@ class KVCache:
         self.k = torch.zeros(batch, heads, capacity, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
 
+    @classmethod
+    def over(cls, k: Tensor, v: Tensor) -> KVCache:
+        """A fixed-size cache over existing storage (e.g. one slot of a static batch cache)."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.max_capacity = k, v, k.size(2)
+        return cache
+
     def reserve(self, length: int) -> None:
         cap = self.k.size(2)
         if length <= cap:
@@ -116,6 +123,19 @@ class Attention(nn.Module):
         y = torch.cat(ys, dim=0)
         return self.wo(y.transpose(1, 2).reshape(b, 1, self.n_head * self.head_dim))
 
+    def forward_static(self, x: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor,
+                       mask: Tensor, length: int) -> Tensor:
+        """One new position per row at device-side positions `pos` (B,), written into fixed
+        caches (B, G, capacity, D); attends over the first `length` positions. No host syncs, so
+        it can be captured in a CUDA graph."""
+        b = x.size(0)
+        q, k, v = self._project(x, rope)
+        rows = torch.arange(b, device=x.device)
+        k_cache[rows, :, pos] = k[:, :, 0]
+        v_cache[rows, :, pos] = v[:, :, 0]
+        y = self._attend(q, k_cache[:, :, :length], v_cache[:, :, :length], mask)
+        return self.wo(y.transpose(1, 2).reshape(b, 1, self.n_head * self.head_dim))
+
     def forward(self, x: Tensor, rope: Tensor, cache: KVCache | None, start: int) -> Tensor:
         b, t, _ = x.shape
         q_size = self.n_head * self.head_dim
@@ -139,6 +159,11 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: Tensor, rope: Tensor, cache: KVCache | None, start: int) -> Tensor:
         h = x + self.attention(self.attention_norm(x), rope, cache, start)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def forward_static(self, x: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor,
+                       mask: Tensor, length: int) -> Tensor:
+        h = x + self.attention.forward_static(self.attention_norm(x), rope, k_cache, v_cache, pos, mask, length)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def forward_rows(self, x: Tensor, rope: Tensor, caches: list[KVCache], starts: list[int]) -> Tensor:

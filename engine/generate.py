@@ -16,6 +16,7 @@ from torch import Tensor
 from .dual_ar import DualARTransformer
 from .sampling import (RAS_TEMPERATURE, RAS_TOP_P, RAS_WINDOW, REPETITION_WINDOW, apply_repetition_penalty,
                        draw, filtered_probs)
+from .static_decode import StaticDecoder
 from .tts_types import SamplingOptions
 
 
@@ -90,6 +91,14 @@ class DualARRunner:
         self.fast_vocab = min(fast_vocab or c.codebook_size, c.codebook_size)
         self.fast_head = model.fast_output.weight[: self.fast_vocab]
         self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixCache()
+        self.static: StaticDecoder | None = None
+
+    def enable_static_decode(self, slots: int = 4, capacity: int | None = None,
+                             use_cuda_graphs: bool | None = None) -> StaticDecoder:
+        """Decode up to `slots` sequences through fixed buffers and on-device sampling (CUDA
+        graphs on a GPU); sequences beyond that, or longer than `capacity`, use the dynamic path."""
+        self.static = StaticDecoder(self, slots, capacity, use_cuda_graphs)
+        return self.static
 
     @property
     def device(self) -> torch.device:
@@ -129,7 +138,10 @@ class FrameGenerator:
         if sampling.seed is not None:
             self.generator = torch.Generator(device=runner.device)
             self.generator.manual_seed(abs(int(sampling.seed)) % (2**31))
-        self.slow_caches = runner.model.new_slow_caches(1, self.prompt_len + min(self.max_new_tokens, 512))
+        self.slot: int | None = None
+        self._take_static_slot(max_new_tokens)
+        if self.slot is None:
+            self.slow_caches = runner.model.new_slow_caches(1, self.prompt_len + min(self.max_new_tokens, 512))
         self.position = 0  # next slow position to fill
         self.emitted = 0
         self.finished = False
@@ -137,6 +149,27 @@ class FrameGenerator:
         # Recent frames [token, c0..c_{K-1}] for RAS and the repetition penalty, newest last.
         self.recent = torch.zeros(c.num_codebooks + 1, 0, dtype=torch.long, device=runner.device)
         self.next_input = self.prompt.unsqueeze(0)
+
+    def _take_static_slot(self, requested_new_tokens: int) -> None:
+        static = self.runner.static
+        if static is None or self.dump is not None:
+            return
+        if requested_new_tokens > 0 and not static.fits(self.prompt_len + self.max_new_tokens):
+            return  # an explicit length the slots can't hold: the dynamic path can
+        if self.prompt_len >= static.capacity:
+            return
+        slot = static.acquire(self)
+        if slot is None:
+            return
+        self.slot = slot
+        # "Until the end token" is bounded by the slot's capacity (the context, by default).
+        self.max_new_tokens = min(self.max_new_tokens, static.capacity - self.prompt_len)
+        self.slow_caches = static.slot_caches(slot)
+
+    def close(self) -> None:
+        """Stop early and give back the resources (a static slot) now rather than at collection."""
+        if not self.finished:
+            self.finish("closed")
 
     @property
     def prefilled(self) -> bool:
@@ -159,6 +192,9 @@ class FrameGenerator:
     def finish(self, reason: str) -> None:
         self.finished, self.stop_reason = True, reason
         self.slow_caches = []  # free memory as soon as possible
+        if self.slot is not None:
+            self.runner.static.release(self.slot)
+            self.slot = None
 
     def sample_slow(self, logits: Tensor) -> int:
         """Index into the runner's slow candidates."""
@@ -206,17 +242,18 @@ def _step_many(runner: DualARRunner, gens: list[FrameGenerator]) -> list[Tensor 
         live.append(i)
     if not live:
         return results
+    slotted = [i for i in live if gens[i].slot is not None]
+    if slotted:
+        live = [i for i in live if gens[i].slot is None]
+        _step_static(runner, gens, slotted, results)
+        if not live:
+            return results
     # Slow transformer: prompts prefill one by one; decodes run as one batch.
     fresh = [i for i in live if not gens[i].prefilled]
     decoding = [i for i in live if gens[i].prefilled]
     order, hidden_parts, normed_parts = [], [], []
     for i in fresh:
-        g = gens[i]
-        g.reuse_prefix()
-        h, n = model.forward_slow(g.next_input, g.slow_caches, g.position)
-        g.position += g.next_input.size(-1)
-        if runner.prefix_cache.max_entries:
-            runner.prefix_cache.store(g.prompt, g.slow_caches)
+        h, n = _prefill(runner, gens[i])
         order.append(i)
         hidden_parts.append(h)
         normed_parts.append(n)
@@ -269,13 +306,43 @@ def _step_many(runner: DualARRunner, gens: list[FrameGenerator]) -> list[Tensor 
     return results
 
 
+def _prefill(runner: DualARRunner, g: FrameGenerator) -> tuple[Tensor, Tensor]:
+    """Run the rest of a fresh generator's prompt; returns the last position's (hidden, normed)."""
+    g.reuse_prefix()
+    h, n = runner.model.forward_slow(g.next_input, g.slow_caches, g.position)
+    g.position += g.next_input.size(-1)
+    if runner.prefix_cache.max_entries:
+        runner.prefix_cache.store(g.prompt, g.slow_caches)
+    return h, n
+
+
+def _step_static(runner: DualARRunner, gens: list[FrameGenerator], idx: list[int],
+                 results: list[Tensor | None]) -> None:
+    """The generators holding static slots: prefills eagerly, then one static frame for all."""
+    stepping = [gens[i] for i in idx]
+    fresh = [(g, *_prefill(runner, g)) for g in stepping if not g.prefilled]
+    host, device = runner.static.step(stepping, fresh)
+    fresh_ids = {id(f[0]) for f in fresh}
+    for i, g, frame, on_device in zip(idx, stepping, host, device):
+        if id(g) not in fresh_ids:
+            g.position += 1
+        if int(frame[0]) == runner.im_end_id:
+            g.finish("end")
+            continue
+        g.emitted += 1
+        results[i] = on_device[1:]
+
+
 def generate_codes(runner: DualARRunner, prompt: Tensor, sampling: SamplingOptions, max_new_tokens: int = 0,
                    dump: FirstStepDump | None = None) -> Tensor:
     """Whole-prompt convenience: codes (K, frames) of the semantic frames, end frame excluded."""
     gen = runner.start(prompt, sampling, max_new_tokens, dump)
     frames = []
-    while (codes := gen.step()) is not None:
-        frames.append(codes)
+    try:
+        while (codes := gen.step()) is not None:
+            frames.append(codes)
+    finally:
+        gen.close()
     if not frames:
         return torch.zeros(runner.config.num_codebooks, 0, dtype=torch.long)
     return torch.stack(frames, dim=1).cpu()

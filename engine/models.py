@@ -41,6 +41,11 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}") from None
 
 
+DEFAULT_CUDA_DECODE_SLOTS = 4
+# Positions per static slot: bounds its KV memory (S1-mini bf16: ~0.9 GiB per slot at 8192).
+STATIC_CAPACITY = 8192
+
+
 @dataclasses.dataclass
 class FishModels:
     checkpoint_dir: Path
@@ -66,7 +71,10 @@ def load_codec_only(checkpoint: str | Path, device: str | None = None, dtype: st
     return load_codec(path, device=dev, dtype=pick_dtype(dtype, dev))
 
 
-def load_models(checkpoint: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None) -> FishModels:
+def load_models(checkpoint: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None,
+                decode_slots: int | None = None) -> FishModels:
+    """Load a checkpoint directory. `decode_slots` sequences decode through static buffers and
+    on-device sampling (CUDA graphs on a GPU): default 4 on CUDA, 0 (the dynamic path) on CPU."""
     t0 = time.perf_counter()
     directory = resolve_checkpoint(checkpoint)
     dev = pick_device(device)
@@ -83,6 +91,9 @@ def load_models(checkpoint: str | Path, device: str | None = None, dtype: str | 
     if codec.num_codebooks != config.num_codebooks:
         raise CheckpointError(f"codec has {codec.num_codebooks} codebooks but the model predicts {config.num_codebooks}")
     runner = DualARRunner(model, tokenizer.im_end_id, fast_vocab=min(codec.codebook_sizes[1:]))
+    slots = (DEFAULT_CUDA_DECODE_SLOTS if dev.type == "cuda" else 0) if decode_slots is None else decode_slots
+    if slots > 0:
+        runner.enable_static_decode(slots=slots, capacity=min(config.max_seq_len, STATIC_CAPACITY))
     log.info("loaded %s (%s) from %s on %s/%s in %.1f s", config.family, type(model).__name__, directory, dev, dt,
              time.perf_counter() - t0)
     return FishModels(directory, config, tokenizer, model, runner, codec, dev, dt)

@@ -97,8 +97,8 @@ class TTSEngine:
 
     @classmethod
     def load(cls, checkpoint: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None,
-             **kwargs: object) -> TTSEngine:
-        return cls(load_models(checkpoint, device, dtype), **kwargs)  # type: ignore[arg-type]
+             decode_slots: int | None = None, **kwargs: object) -> TTSEngine:
+        return cls(load_models(checkpoint, device, dtype, decode_slots), **kwargs)  # type: ignore[arg-type]
 
     @property
     def sample_rate(self) -> int:
@@ -201,21 +201,24 @@ class TTSEngine:
             gen = m.runner.start(torch.as_tensor(prompt), request.sampling, request.sampling.max_new_tokens)
             frames: list[torch.Tensor] = []
             pending: list[torch.Tensor] = []
-            while True:
-                step = FrameStep(gen)
-                yield step
-                codes = step.result
-                if codes is not None:
-                    frames.append(codes)
-                    pending.append(codes)
-                if pending and (codes is None or len(pending) >= every):
-                    with torch.inference_mode():
-                        audio = decoder.push(torch.stack(pending, dim=1))
-                    emit(AudioChunk(pcm=audio.float().cpu().numpy().reshape(-1), sample_rate=m.codec.sample_rate,
-                                    frames=len(pending), text_chunk=index))
-                    pending = []
-                if codes is None:
-                    break
+            try:
+                while True:
+                    step = FrameStep(gen)
+                    yield step
+                    codes = step.result
+                    if codes is not None:
+                        frames.append(codes)
+                        pending.append(codes)
+                    if pending and (codes is None or len(pending) >= every):
+                        with torch.inference_mode():
+                            audio = decoder.push(torch.stack(pending, dim=1))
+                        emit(AudioChunk(pcm=audio.float().cpu().numpy().reshape(-1),
+                                        sample_rate=m.codec.sample_rate, frames=len(pending), text_chunk=index))
+                        pending = []
+                    if codes is None:
+                        break
+            finally:
+                gen.close()  # a cancelled request gives its decode slot back at once
             if frames:
                 history.append((text, torch.stack(frames, dim=1).cpu().numpy()))
             yield

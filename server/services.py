@@ -98,7 +98,8 @@ def _timed(services: Services, name: str, fn):
 def _load_tts(settings: Settings):
     from engine.tts import TTSEngine
 
-    return TTSEngine.load(settings.checkpoint, device=settings.device, dtype=settings.dtype)
+    return TTSEngine.load(settings.checkpoint, device=settings.device, dtype=settings.dtype,
+                          decode_slots=settings.decode_slots)
 
 
 def _load_asr(settings: Settings):

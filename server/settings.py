@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     checkpoint: str = "s1-mini"  # a directory, a short name (s1-mini, s2-pro) or a Hugging Face repo id
     device: str | None = None  # cpu, cuda, cuda:1; default: cuda when available
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    decode_slots: int | None = Field(None, ge=0)  # static decode slots (CUDA graphs); default 4 on CUDA, 0 on CPU
     mode: Literal["agent", "tts"] = "agent"  # what a job without a `tts` flag does
 
     # --- network

@@ -91,6 +91,14 @@ def test_codec_generate_and_tts_commands(tmp_path, tiny_s1_checkpoint, speech_wa
     assert proc.returncode == 0, proc.stderr
     with av.open(str(speech)) as f:
         assert f.streams.audio[0].rate == 44100 and f.duration > 0
+    # The static decode path (the CUDA default) gives the same seeded speech on the CPU.
+    static_npy, dynamic_npy = tmp_path / "static.npy", tmp_path / "dynamic.npy"
+    for out, slots in ((static_npy, "2"), (dynamic_npy, "0")):
+        proc = run("tts", "--checkpoint", ckpt, "--text", "Hello there.", "--reference", str(speech_wav),
+                   "--reference-text", "A tone.", "--max-new-tokens", "6", "--seed", "1", "--decode-slots", slots,
+                   "--output", str(out))
+        assert proc.returncode == 0, proc.stderr
+    assert np.load(dynamic_npy).size > 0 and np.allclose(np.load(static_npy), np.load(dynamic_npy), atol=1e-5)
 
 
 def test_bad_checkpoint_is_a_clear_error(tmp_path):
