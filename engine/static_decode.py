@@ -5,10 +5,10 @@ The dynamic path in `generate.py` reads every sampled token back to the host (on
 codebook) and launches ~1,000 small kernels per frame; on a GPU that, not arithmetic, sets the
 frame rate. Here one frame is two fixed-shape functions over static buffers:
 
-- `_slow(L)`: the slow transformer's decode step for every slot, attending over the first L
-  cache positions (one capture per length bucket, so short sequences don't read the whole
-  context);
-- `_head()`: slow-token sampling (repetition penalty, top-p/top-k/temperature, RAS), the fast
+- `_slow(n, L)`: the slow transformer's decode step for the first n slots, attending over the
+  first L cache positions (one capture per length bucket, so short sequences don't read the
+  whole context; n is a power of two, so one busy request doesn't pay for four);
+- `_head(n)`: slow-token sampling (repetition penalty, top-p/top-k/temperature, RAS), the fast
   transformer along the codebooks and their sampling, all on the device.
 
 Random draws stay exact per request: the host fills each slot's exponential noise with that

@@ -81,6 +81,26 @@ def test_flags_override_the_environment(monkeypatch, tmp_path):
     assert settings.result_ttl >= 1800  # results are kept at least 30 minutes
 
 
+def test_decode_slots_setting_reaches_the_engine(monkeypatch, tiny_checkpoint):
+    from server.services import _load_tts
+
+    monkeypatch.setenv("DECODE_SLOTS", "2")
+    settings = settings_from_args(settings_parser().parse_args(["--checkpoint", str(tiny_checkpoint),
+                                                                "--device", "cpu"]))
+    engine = _load_tts(settings)
+    try:
+        assert engine.models.runner.static is not None and engine.models.runner.static.slots == 2
+    finally:
+        engine.close()
+    monkeypatch.setenv("DECODE_SLOTS", "0")
+    engine = _load_tts(settings_from_args(settings_parser().parse_args(["--checkpoint", str(tiny_checkpoint),
+                                                                        "--device", "cpu"])))
+    try:
+        assert engine.models.runner.static is None
+    finally:
+        engine.close()
+
+
 def test_image_entrypoint_serves_a_loaded_model(tiny_checkpoint, tmp_path):
     """docker/entrypoint.sh off RunPod: the HTTP server with the model loaded at start-up, MODE honoured,
     extra flags passed through; a bad MODE is refused before anything starts."""
