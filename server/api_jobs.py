@@ -1,4 +1,5 @@
-"""The RunPod-compatible job API: /run, /runsync, /status, /stream, /cancel, /purge-queue, /health.
+"""The RunPod-compatible job API: /run, /runsync, /status, /stream, /cancel, /retry, /purge-queue,
+/health.
 
 Handlers only translate HTTP: validation lives in server.handler, queueing in server.jobs.
 """
@@ -11,7 +12,7 @@ from pydantic import ValidationError
 
 from server.handler import precheck_job, parse_job_input
 from server.http import JOBS, SERVICES, SETTINGS, job_error, read_json, requires_key
-from server.jobs import FINAL_STATES, QueueFull
+from server.jobs import FINAL_STATES, NotRetryable, QueueFull
 from server.schema import JobRequest, RequestError, describe_validation_error
 
 RUNSYNC_MIN_WAIT_MS, RUNSYNC_MAX_WAIT_MS = 1000, 300_000  # RunPod's bounds for ?wait=
@@ -41,7 +42,7 @@ async def _accept(request: web.Request, id_prefix: str = "") -> str:
     if envelope.policy is not None and envelope.policy.executionTimeout:
         timeout = envelope.policy.executionTimeout / 1000.0
     return await request.app[JOBS].submit(envelope.input, streaming=job.input.streaming, timeout=timeout,
-                                          id_prefix=id_prefix)
+                                          id_prefix=id_prefix, webhook=envelope.webhook)
 
 
 def _refused(exc: Exception) -> web.Response:
@@ -103,6 +104,17 @@ async def cancel(request: web.Request) -> web.Response:
 
 
 @requires_key("job")
+async def retry(request: web.Request) -> web.Response:
+    try:
+        body = await request.app[JOBS].retry(_job_id(request))
+    except NotRetryable as exc:
+        return job_error(400, str(exc))
+    except QueueFull as exc:
+        return _refused(exc)
+    return web.json_response(body) if body is not None else _not_found(_job_id(request), request)
+
+
+@requires_key("job")
 async def purge_queue(request: web.Request) -> web.Response:
     removed = await request.app[JOBS].purge_queue()
     return web.json_response({"removed": removed, "status": "completed"})
@@ -146,6 +158,7 @@ def add_routes(router: web.UrlDispatcher, prefix: str = "") -> None:
         router.add_route(method, prefix + "/status/{job_id}", status)
         router.add_route(method, prefix + "/stream/{job_id}", stream)
     router.add_post(prefix + "/cancel/{job_id}", cancel)
+    router.add_post(prefix + "/retry/{job_id}", retry)
     router.add_post(prefix + "/purge-queue", purge_queue)
     router.add_get(prefix + "/health", health)
     router.add_get(prefix + "/ping", ping)

@@ -41,7 +41,7 @@ def create_app(settings: Settings, services: Services | None = None) -> web.Appl
         lambda job_input: handle_job(job_input, app[SERVICES], settings, conversations),
         queue_size=settings.queue_size, concurrency=settings.concurrent_jobs,
         execution_timeout=settings.execution_timeout, result_ttl=settings.result_ttl,
-        on_janitor=conversations.purge_expired)
+        on_janitor=conversations.purge_expired, webhook_retry_delay=settings.webhook_retry_delay)
     app.cleanup_ctx.append(_services_context(owned=services is None))
     app.cleanup_ctx.append(_jobs_context)
 

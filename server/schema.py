@@ -7,6 +7,7 @@ import binascii
 import re
 from typing import Any, Literal
 
+import yarl
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 AudioFormat = Literal["wav", "mp3", "flac", "pcm", "opus"]
@@ -124,8 +125,18 @@ class JobRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     input: dict[str, Any]
-    webhook: str | None = None  # accepted for compatibility, not called
+    webhook: str | None = None  # POSTed the job's /status body when it ends
     policy: JobPolicy | None = None
+
+    @field_validator("webhook")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        url = yarl.URL(value.strip())
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError("webhook must be an http:// or https:// URL")
+        return str(url)
 
 
 class ServeReference(BaseModel):

@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     concurrent_jobs: int = Field(4, ge=1)  # jobs generating at once (they share one model, batched)
     runsync_wait: float = Field(90.0, gt=0)  # seconds /runsync waits before answering IN_PROGRESS
     execution_timeout: float = Field(600.0, gt=0)  # seconds a job may run before TIMED_OUT
+    webhook_retry_delay: float = Field(10.0, ge=0)  # seconds between webhook attempts (3 in all)
     result_ttl: float = Field(MIN_RESULT_TTL, ge=MIN_RESULT_TTL)  # seconds finished jobs stay readable
     conversation_ttl: float = Field(7 * 24 * 3600.0, gt=0)  # idle conversations are forgotten after this
     max_text_length: int = Field(5000, ge=1)  # characters of text / message per request

@@ -6,7 +6,7 @@ import time
 import numpy as np
 
 from server.conversations import Conversation, ConversationStore
-from server.jobs import CANCELLED, COMPLETED, FAILED, IN_PROGRESS, IN_QUEUE, JobStore, status_body
+from server.jobs import CANCELLED, COMPLETED, FAILED, IN_PROGRESS, IN_QUEUE, TIMED_OUT, JobStore, status_body
 
 
 def test_a_crash_requeues_running_jobs_once(tmp_path):
@@ -97,3 +97,40 @@ def test_a_shared_conversation_file_serves_two_workers(tmp_path):
     assert not path.with_name(path.name + "-wal").exists()
     first.close()
     second.close()
+
+
+def test_failed_jobs_keep_their_input_for_retry(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    for name in ("failed", "timed-out", "done"):
+        store.insert(name, {"text": name}, streaming=False, timeout=5, webhook="http://127.0.0.1:9/hook")
+        store.start(name)
+    store.finish("failed", FAILED, error="boom")
+    store.finish("timed-out", TIMED_OUT, error="too slow")
+    store.finish("done", COMPLETED, output={"audio": "x"})
+    assert store.get("done", with_input=True).input is None  # results drop the input
+    assert store.retry("done") is False
+    for name in ("failed", "timed-out"):
+        assert store.retry(name) is True
+        row = store.get(name, with_input=True)
+        assert (row.status, row.error, row.output, row.finished_at) == (IN_QUEUE, None, None, None)
+        assert row.input == {"text": name} and row.webhook == "http://127.0.0.1:9/hook"
+        assert store.retry(name) is False  # queued again: nothing to retry
+        assert store.start(name).attempts == 1
+
+
+def test_a_store_from_before_webhooks_opens(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, status TEXT "
+               "NOT NULL, input TEXT, output TEXT, error TEXT, streaming INTEGER NOT NULL DEFAULT 0, timeout REAL "
+               "NOT NULL, created_at REAL NOT NULL, started_at REAL, finished_at REAL, "
+               "attempts INTEGER NOT NULL DEFAULT 0)")
+    db.execute("INSERT INTO jobs (id, status, input, timeout, created_at) VALUES ('old', 'IN_QUEUE', '{}', 5, 1)")
+    db.commit()
+    db.close()
+    store = JobStore(path)
+    assert store.restore() == ["old"] and store.get("old").webhook is None
+    store.insert("new", {}, streaming=False, timeout=5, webhook="https://example.com/done")
+    assert store.get("new").webhook == "https://example.com/done"

@@ -514,6 +514,8 @@ def post_run(base: str, body, headers=AUTH, path="/run") -> requests.Response:
     ({"input": {"text": "x", "reference_id": "nobody"}}, 404, "reference_id 'nobody' not found"),
     ({"input": {"tts": False, "message": "hi"}}, 503, "the agent LLM is not loaded; send \"tts\": true"),
     ({"input": {"text": "x", "user_audio": "AAAA"}}, 400, "user_audio is only used in agent mode"),
+    ({"input": {"text": "x"}, "webhook": "ftp://example.com/x"}, 400, "webhook must be an http:// or https:// URL"),
+    ({"input": {"text": "x"}, "webhook": "not a url"}, 400, "webhook must be an http:// or https:// URL"),
 ])
 def test_bad_requests_get_clear_errors(server, body, status, message):
     response = post_run(server.url, body)
@@ -538,7 +540,7 @@ def test_realtime_routes_share_the_app(server):
 
 def test_unknown_job_ids_are_404(server):
     for method, path in (("get", "/status/nope"), ("post", "/status/nope"), ("get", "/stream/nope"),
-                         ("post", "/cancel/nope"), ("get", "/v2/e/status/nope")):
+                         ("post", "/cancel/nope"), ("post", "/retry/nope"), ("get", "/v2/e/status/nope")):
         response = getattr(requests, method)(server.url + path, headers=AUTH)
         assert response.status_code == 404 and "job 'nope' not found" in response.json()["error"]
 
@@ -624,3 +626,97 @@ def test_agent_mode_replies_and_speaks(tts_engine, tmp_path):
 
         asyncio.run(llm.aclose())
         asr.close()
+
+
+# --------------------------------------------------------------------------- webhooks and /retry
+class WebhookReceiver:
+    """A real HTTP endpoint on loopback that records what it is sent; the first `fail_first`
+    deliveries get a 500 so the server has to try again."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        import http.server
+        import json
+        import threading
+
+        self.bodies: list[dict] = []
+        self.answers: list[int] = []
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                code = 500 if len(receiver.answers) < fail_first else 200
+                receiver.bodies.append(body)
+                receiver.answers.append(code)
+                self.send_response(code)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def wait_for(self, n: int, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.bodies) < n:
+            assert time.monotonic() < deadline, f"{len(self.bodies)} of {n} webhook calls arrived"
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+
+
+def test_webhook_gets_the_final_status_and_is_retried(tts_engine, tmp_path):
+    receiver = WebhookReceiver(fail_first=1)
+    try:
+        with LiveServer(settings_for(tmp_path, webhook_retry_delay=0.2), Services(tts=tts_engine)) as live:
+            job = requests.post(f"{live.url}/v2/ep/run", headers=AUTH, json={
+                "input": {"text": "Call me back.", "streaming": False}, "webhook": receiver.url}).json()
+            final = wait_final(live.url, job["id"])
+            receiver.wait_for(2)
+            assert receiver.answers[:2] == [500, 200]  # the failed delivery was tried again
+            assert receiver.bodies[1] == final and final["status"] == "COMPLETED"
+            assert base64.b64decode(receiver.bodies[1]["output"]["audio"])
+            # A webhook nobody answers changes nothing for the job.
+            dead = requests.post(f"{live.url}/runsync", headers=AUTH, json={
+                "input": {"text": "Nobody listens.", "streaming": False}, "webhook": "http://127.0.0.1:9/x"}).json()
+            assert dead["status"] == "COMPLETED"
+            time.sleep(0.3)
+            assert len(receiver.bodies) == 2  # one job, one successful delivery
+    finally:
+        receiver.close()
+
+
+def test_retry_runs_a_timed_out_job_again(tts_engine, tmp_path):
+    receiver = WebhookReceiver()
+    try:
+        with LiveServer(settings_for(tmp_path, max_new_tokens_limit=0), Services(tts=tts_engine)) as live:
+            job = requests.post(f"{live.url}/run", headers=AUTH, json={
+                "input": {"text": "Endless. " * 30, "max_new_tokens": 8000, "streaming": True},
+                "policy": {"executionTimeout": 1000}, "webhook": receiver.url}).json()
+            first = wait_final(live.url, job["id"])
+            assert first["status"] == "TIMED_OUT"
+            requests.get(f"{live.url}/stream/{job['id']}", headers=AUTH)  # drain the first run's chunks
+            retried = requests.post(f"{live.url}/retry/{job['id']}", headers=AUTH)
+            assert retried.status_code == 200 and retried.json() == {"id": job["id"], "status": "IN_QUEUE"}
+            status = requests.get(f"{live.url}/status/{job['id']}", headers=AUTH).json()
+            assert status["status"] in ("IN_QUEUE", "IN_PROGRESS") and "error" not in status  # old result gone
+            deadline = time.monotonic() + 20
+            while not requests.get(f"{live.url}/stream/{job['id']}", headers=AUTH).json()["stream"]:
+                assert time.monotonic() < deadline  # the same input is generating again
+                time.sleep(0.01)
+            second = wait_final(live.url, job["id"])
+            assert second["status"] == "TIMED_OUT" and second["executionTime"] >= 900
+            receiver.wait_for(2)  # each end of the job was announced
+            assert [b["status"] for b in receiver.bodies] == ["TIMED_OUT", "TIMED_OUT"]
+            done = requests.post(f"{live.url}/runsync", headers=AUTH, json={
+                "input": {"text": "Fine.", "max_new_tokens": 8, "streaming": False}}).json()
+            refused = requests.post(f"{live.url}/retry/{done['id']}", headers=AUTH)
+            assert refused.status_code == 400
+            assert "is COMPLETED; only FAILED or TIMED_OUT jobs can be retried" in refused.json()["error"]
+            assert engine_idle(tts_engine)
+    finally:
+        receiver.close()

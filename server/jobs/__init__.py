@@ -1,7 +1,7 @@
 """The RunPod-style job system: a persistent store and the queue that runs jobs from it."""
-from server.jobs.manager import JobManager, QueueFull, status_body
+from server.jobs.manager import JobManager, NotRetryable, QueueFull, status_body
 from server.jobs.store import (CANCELLED, COMPLETED, FAILED, FINAL_STATES, IN_PROGRESS, IN_QUEUE, TIMED_OUT,
                                JobRow, JobStore)
 
 __all__ = ["CANCELLED", "COMPLETED", "FAILED", "FINAL_STATES", "IN_PROGRESS", "IN_QUEUE", "TIMED_OUT",
-           "JobManager", "JobRow", "JobStore", "QueueFull", "status_body"]
+           "JobManager", "JobRow", "JobStore", "NotRetryable", "QueueFull", "status_body"]

@@ -5,7 +5,8 @@ that task: the cancellation travels down the generator into the engine's stream,
 `finally` stops the model work for that request. An execution timeout does the same and marks
 the job TIMED_OUT. Streamed items wait in memory until a /stream poll takes them; the final
 result lives in the job store. Store writes run on one thread so the event loop never waits
-on SQLite.
+on SQLite. A job that names a webhook has its final status POSTed there (`webhooks.deliver`),
+and a FAILED or TIMED_OUT one can be queued again under its id (`retry`).
 """
 from __future__ import annotations
 
@@ -19,8 +20,11 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from server.jobs.store import (CANCELLED, COMPLETED, FAILED, FINAL_STATES, IN_PROGRESS, IN_QUEUE, TIMED_OUT,
-                               JobRow, JobStore)
+import aiohttp
+
+from server.jobs import webhooks
+from server.jobs.store import (CANCELLED, COMPLETED, FAILED, FINAL_STATES, IN_PROGRESS, IN_QUEUE, RETRYABLE_STATES,
+                               TIMED_OUT, JobRow, JobStore)
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,10 @@ STREAM_KEEP_SECONDS = 600.0  # streamed items nobody polled are dropped this lon
 
 class QueueFull(RuntimeError):
     """The bounded queue has no room (HTTP 503)."""
+
+
+class NotRetryable(ValueError):
+    """/retry of a job that did not fail or time out, or whose input is gone (HTTP 400)."""
 
 
 def _ms(seconds: float) -> int:
@@ -58,7 +66,7 @@ def stream_summary(final: dict[str, Any]) -> dict[str, Any]:
 class JobManager:
     def __init__(self, store: JobStore, runner: JobRunner, *, queue_size: int, concurrency: int,
                  execution_timeout: float, result_ttl: float,
-                 on_janitor: Callable[[], None] | None = None) -> None:
+                 on_janitor: Callable[[], None] | None = None, webhook_retry_delay: float = 10.0) -> None:
         self.store = store
         self.runner = runner
         self.queue_size = queue_size
@@ -75,6 +83,9 @@ class JobManager:
         self._done: dict[str, asyncio.Event] = {}
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
+        self.webhook_retry_delay = webhook_retry_delay
+        self._deliveries: set[asyncio.Task] = set()
+        self._http: aiohttp.ClientSession | None = None
         self._db_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobdb")
 
     async def _db(self, fn, *args, **kwargs):
@@ -104,6 +115,11 @@ class JobManager:
             task.cancel()
         if running:
             await asyncio.wait(running, timeout=10)
+        for task in list(self._deliveries):
+            task.cancel()
+        await asyncio.gather(*self._deliveries, return_exceptions=True)
+        if self._http is not None:
+            await self._http.close()
         self._db_thread.shutdown(wait=True)
 
     # ------------------------------------------------------------------ submitting and reading
@@ -116,7 +132,7 @@ class JobManager:
         return len(self._running)
 
     async def submit(self, job_input: Any, *, streaming: bool, timeout: float | None = None,
-                     id_prefix: str = "") -> str:
+                     id_prefix: str = "", webhook: str | None = None) -> str:
         if self._stopping:
             raise QueueFull("the server is shutting down")
         if len(self._pending) + self._reserved >= self.queue_size:
@@ -126,15 +142,35 @@ class JobManager:
         limit = min(timeout, self.execution_timeout) if timeout else self.execution_timeout
         self._reserved += 1  # holds the place while the insert is on the store thread
         try:
-            await self._db(self.store.insert, job_id, job_input, streaming=streaming, timeout=limit)
+            await self._db(self.store.insert, job_id, job_input, streaming=streaming, timeout=limit,
+                           webhook=webhook)
         finally:
             self._reserved -= 1
+        await self._enqueue(job_id)
+        return job_id
+
+    async def _enqueue(self, job_id: str) -> None:
         self._streams[job_id] = []
+        self._ended.pop(job_id, None)
         self._done[job_id] = asyncio.Event()
         async with self._cond:
             self._pending.append(job_id)
             self._cond.notify()
-        return job_id
+
+    async def retry(self, job_id: str) -> dict[str, Any] | None:
+        """Queue a FAILED or TIMED_OUT job again under its id, with its input (RunPod's /retry)."""
+        row = await self._db(self.store.get, job_id, with_output=False)
+        if row is None:
+            return None
+        if row.status not in RETRYABLE_STATES:
+            raise NotRetryable(f"job {job_id!r} is {row.status}; only FAILED or TIMED_OUT jobs can be retried")
+        if self._stopping or len(self._pending) + self._reserved >= self.queue_size:
+            raise QueueFull(f"the job queue is full ({len(self._pending)} waiting, {self.running} running); "
+                            "retry later")
+        if not await self._db(self.store.retry, job_id):
+            raise NotRetryable(f"job {job_id!r} cannot be retried: its input is no longer kept")
+        await self._enqueue(job_id)
+        return {"id": job_id, "status": IN_QUEUE}
 
     async def get(self, job_id: str) -> JobRow | None:
         return await self._db(self.store.get, job_id)
@@ -214,7 +250,24 @@ class JobManager:
             event.set()
         if job_id in self._streams:
             self._ended[job_id] = time.monotonic()
+        if changed:
+            row = await self._db(self.store.get, job_id, with_output=False)
+            if row is not None and row.webhook:
+                task = asyncio.create_task(self._send_webhook(job_id, row.webhook), name=f"webhook-{job_id}")
+                self._deliveries.add(task)
+                task.add_done_callback(self._deliveries.discard)
         return changed
+
+    async def _send_webhook(self, job_id: str, url: str) -> None:
+        row = await self._db(self.store.get, job_id)
+        if row is None:
+            return
+        if self._http is None:
+            self._http = aiohttp.ClientSession()
+        try:
+            await webhooks.deliver(self._http, url, status_body(row), delay=self.webhook_retry_delay)
+        except Exception:  # noqa: BLE001 - a broken webhook never touches the job or the server
+            log.exception("webhook for job %s failed", job_id)
 
     async def _worker(self) -> None:
         while True:
@@ -285,4 +338,4 @@ class JobManager:
                 log.exception("job clean-up failed")
 
 
-__all__ = ["FINAL_STATES", "JobManager", "QueueFull", "status_body"]
+__all__ = ["FINAL_STATES", "JobManager", "NotRetryable", "QueueFull", "status_body"]

@@ -5,6 +5,9 @@ has passed since it ended. Status changes out of a final state never happen: eve
 write is conditional on the job still being IN_QUEUE or IN_PROGRESS, so a cancel and a
 completion racing each other cannot overwrite one another.
 
+The input of a FAILED or TIMED_OUT job is kept (until the result TTL) so `/retry` can run it
+again; a retry clears the output and queues the job under the same id.
+
 At start-up (`restore`): IN_QUEUE jobs are queued again in their original order. A job that
 was IN_PROGRESS when the server stopped is queued again too (its `attempts` counts the tries);
 one that was already tried `max_attempts` times is marked FAILED, so a job that crashes the
@@ -23,6 +26,7 @@ from typing import Any
 IN_QUEUE, IN_PROGRESS = "IN_QUEUE", "IN_PROGRESS"
 COMPLETED, FAILED, CANCELLED, TIMED_OUT = "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"
 FINAL_STATES = frozenset({COMPLETED, FAILED, CANCELLED, TIMED_OUT})
+RETRYABLE_STATES = frozenset({FAILED, TIMED_OUT})
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -37,7 +41,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at REAL NOT NULL,
     started_at REAL,
     finished_at REAL,
-    attempts INTEGER NOT NULL DEFAULT 0
+    attempts INTEGER NOT NULL DEFAULT 0,
+    webhook TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at);
@@ -57,6 +62,7 @@ class JobRow:
     error: str | None = None
     attempts: int = 0
     input: Any = None
+    webhook: str | None = None
 
     @property
     def is_final(self) -> bool:
@@ -75,6 +81,9 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "webhook" not in columns:  # a store written before webhooks existed
+            self._db.execute("ALTER TABLE jobs ADD COLUMN webhook TEXT")
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -82,24 +91,25 @@ class JobStore:
             self._db.close()
 
     def insert(self, job_id: str, job_input: Any, *, streaming: bool, timeout: float,
-               created_at: float | None = None) -> None:
+               created_at: float | None = None, webhook: str | None = None) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT INTO jobs (id, status, input, streaming, timeout, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (job_id, IN_QUEUE, json.dumps(job_input), int(streaming), timeout, created_at or time.time()))
+                "INSERT INTO jobs (id, status, input, streaming, timeout, created_at, webhook) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job_id, IN_QUEUE, json.dumps(job_input), int(streaming), timeout, created_at or time.time(), webhook))
 
     def get(self, job_id: str, *, with_output: bool = True, with_input: bool = False) -> JobRow | None:
-        cols = "id, status, streaming, timeout, created_at, started_at, finished_at, error, attempts"
+        cols = "id, status, streaming, timeout, created_at, started_at, finished_at, error, attempts, webhook"
         cols += ", output" if with_output else ", NULL"
         cols += ", input" if with_input else ", NULL"
         with self._lock:
             row = self._db.execute(f"SELECT {cols} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
             return None
-        (id_, status, streaming, timeout, created, started, finished, error, attempts, output, input_) = row
+        (id_, status, streaming, timeout, created, started, finished, error, attempts, webhook, output, input_) = row
         return JobRow(id_, status, bool(streaming), timeout, created, started, finished,
                       json.loads(output) if output is not None else None, error, attempts,
-                      json.loads(input_) if input_ is not None else None)
+                      json.loads(input_) if input_ is not None else None, webhook)
 
     def start(self, job_id: str, now: float | None = None) -> JobRow | None:
         """IN_QUEUE -> IN_PROGRESS; returns the job with its input, or None if it is no longer queued."""
@@ -115,12 +125,22 @@ class JobStore:
                now: float | None = None) -> bool:
         """A final status, only from IN_QUEUE / IN_PROGRESS. False if the job had already ended."""
         assert status in FINAL_STATES
+        keep_input = "input" if status in RETRYABLE_STATES else "NULL"  # /retry runs it again
         with self._lock:
             cur = self._db.execute(
-                "UPDATE jobs SET status = ?, output = ?, error = ?, finished_at = ?, input = NULL "
+                f"UPDATE jobs SET status = ?, output = ?, error = ?, finished_at = ?, input = {keep_input} "
                 "WHERE id = ? AND status IN (?, ?)",
                 (status, json.dumps(output) if output is not None else None, error, now or time.time(),
                  job_id, IN_QUEUE, IN_PROGRESS))
+            return cur.rowcount > 0
+
+    def retry(self, job_id: str) -> bool:
+        """FAILED / TIMED_OUT -> IN_QUEUE with its kept input; False if it is not retryable."""
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE jobs SET status = ?, output = NULL, error = NULL, started_at = NULL, finished_at = NULL, "
+                "attempts = 0 WHERE id = ? AND status IN (?, ?) AND input IS NOT NULL",
+                (IN_QUEUE, job_id, *sorted(RETRYABLE_STATES)))
             return cur.rowcount > 0
 
     def requeue(self, job_id: str) -> bool:
