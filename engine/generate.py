@@ -219,8 +219,7 @@ class FrameGenerator:
         if s.greedy:
             return int(torch.argmax(logits))
         if s.repetition_penalty != 1.0 and self.recent.size(1):
-            logits = apply_repetition_penalty(logits, self.recent[codebook + 1].clamp(max=logits.size(-1) - 1),
-                                              s.repetition_penalty)
+            logits = apply_repetition_penalty(logits, self.recent[codebook + 1], s.repetition_penalty)
         return int(draw(filtered_probs(logits, s.temperature, s.top_p, s.top_k), self.generator))
 
     def accept(self, frame: Tensor) -> None:

@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 from .dual_ar import DualARTransformer, KVCache
-from .sampling import RAS_TEMPERATURE, RAS_TOP_P, RAS_WINDOW, REPETITION_WINDOW
+from .sampling import (RAS_TEMPERATURE, RAS_TOP_P, RAS_WINDOW, REPETITION_WINDOW, apply_repetition_penalty,
+                       filtered_probs)
 
 if TYPE_CHECKING:
     from .generate import DualARRunner, FrameGenerator
@@ -37,24 +38,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LENGTH_BUCKET = 512  # attention lengths are captured in multiples of this
-
-
-def _filtered_probs(logits: Tensor, temperature: Tensor, top_p: Tensor, top_k: Tensor) -> Tensor:
-    """`sampling.filtered_probs` for a batch with per-row settings given as (B, 1) tensors."""
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    cum = torch.cumsum(torch.softmax(sorted_logits, dim=-1), dim=-1)
-    ranks = torch.arange(logits.size(-1), device=logits.device).unsqueeze(0)
-    remove_sorted = (cum > top_p) | (ranks >= top_k)
-    remove_sorted[:, 0] = False
-    remove = remove_sorted.scatter(-1, order, remove_sorted)
-    return torch.softmax(logits.masked_fill(remove, float("-inf")) / temperature.clamp(min=1e-5), dim=-1)
-
-
-def _penalise(logits: Tensor, previous: Tensor, valid: Tensor, penalty: Tensor) -> Tensor:
-    """`sampling.apply_repetition_penalty` per row; `previous` (B, W) ids, `valid` marks real ones."""
-    hits = torch.zeros_like(logits).scatter_add_(-1, previous.clamp(0, logits.size(-1) - 1), valid.to(logits.dtype))
-    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
-    return torch.where(hits > 0, penalised, logits)
 
 
 class StaticDecoder:
@@ -158,11 +141,9 @@ class StaticDecoder:
         logits = (normed[:, -1] @ r.slow_head.T).float()
         greedy_idx = torch.argmax(logits, dim=-1)
         prev_idx = recent[:, 0] - c.semantic_begin_id + 1
-        pen = _penalise(logits, prev_idx, recent_valid[:, 0], penalty)
-        normal = torch.argmax(_filtered_probs(pen, temperature, top_p, top_k) / noise[:, :n_cand], -1)
-        high = torch.argmax(_filtered_probs(pen, torch.full_like(temperature, RAS_TEMPERATURE),
-                                            torch.full_like(top_p, RAS_TOP_P), top_k)
-                            / noise[:, n_cand:2 * n_cand], -1)
+        pen = apply_repetition_penalty(logits, prev_idx, penalty, recent_valid[:, 0])
+        normal = torch.argmax(filtered_probs(pen, temperature, top_p, top_k) / noise[:, :n_cand], -1)
+        high = torch.argmax(filtered_probs(pen, RAS_TEMPERATURE, RAS_TOP_P, top_k) / noise[:, n_cand:2 * n_cand], -1)
         normal_token = r.slow_candidates[normal]
         repeated = ((recent[:, 0, -RAS_WINDOW:] == normal_token[:, None]) & recent_valid[:, 0, -RAS_WINDOW:]).any(-1)
         sampled = torch.where(repeated & (normal_token != r.im_end_id), high, normal)
@@ -175,8 +156,8 @@ class StaticDecoder:
         for k in range(1, c.num_codebooks):
             out = m.forward_fast(m.fast_embeddings(codes[-1]).unsqueeze(1), fast_caches, k)
             logits = (out[:, -1] @ r.fast_head.T).float()
-            pen = _penalise(logits, recent[:, k + 1], recent_valid[:, k + 1], penalty)
-            drawn = torch.argmax(_filtered_probs(pen, temperature, top_p, top_k)
+            pen = apply_repetition_penalty(logits, recent[:, k + 1], penalty, recent_valid[:, k + 1])
+            drawn = torch.argmax(filtered_probs(pen, temperature, top_p, top_k)
                                  / noise[:, base + (k - 1) * fv: base + k * fv], -1)
             codes.append(torch.where(greedy, torch.argmax(logits, dim=-1), drawn))
         frame = torch.stack([token] + codes, dim=1)

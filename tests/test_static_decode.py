@@ -68,10 +68,10 @@ def test_long_sampled_runs_match_the_dynamic_path(family):
         assert torch.equal(generate_codes(static_runner, _prompt(20, seed=2), options, 30), want), seed
 
 
-def test_static_sampling_matches_the_dynamic_samplers_given_the_same_noise():
-    """Non-greedy: the on-device sampler (penalty, top-p/top-k, temperature, RAS) picks what
-    FrameGenerator's samplers pick for the same logits and the same exponential noise."""
-    from engine import static_decode
+def test_batched_sampling_settings_match_per_row_numbers():
+    """Non-greedy: the batched form the static decoder uses (per-row (B, 1) settings, a validity
+    mask over the repetition window) picks what the per-request form FrameGenerator uses picks,
+    for the same logits and the same exponential noise."""
     from engine.sampling import apply_repetition_penalty, filtered_probs
 
     g = torch.Generator().manual_seed(0)
@@ -82,8 +82,8 @@ def test_static_sampling_matches_the_dynamic_samplers_given_the_same_noise():
     settings = [(0.7, 0.7, 30, 1.2), (1.0, 0.9, 5, 1.0), (0.3, 0.5, 50, 1.5)]
     t, p, k, pen = (torch.tensor([[s[i]] for s in settings]) for i in range(4))
     noise = torch.empty(3, 50).exponential_(1.0, generator=g)
-    got = torch.argmax(static_decode._filtered_probs(static_decode._penalise(logits, previous, valid, pen),
-                                                     t, p, k.long()) / noise, -1)
+    got = torch.argmax(filtered_probs(apply_repetition_penalty(logits, previous, pen, valid),
+                                      t, p, k.long()) / noise, -1)
     for row, (temp, top_p, top_k, penalty) in enumerate(settings):
         real = previous[row][valid[row]]
         want_logits = apply_repetition_penalty(logits[row], real, penalty)
