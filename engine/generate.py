@@ -319,11 +319,11 @@ def _step_static(runner: DualARRunner, gens: list[FrameGenerator], idx: list[int
                  results: list[Tensor | None]) -> None:
     """The generators holding static slots: prefills eagerly, then one static frame for all."""
     stepping = [gens[i] for i in idx]
-    fresh = [(g, *_prefill(runner, g)) for g in stepping if not g.prefilled]
+    was_decoding = [g.prefilled for g in stepping]
+    fresh = [(g, *_prefill(runner, g)) for g, decoding in zip(stepping, was_decoding) if not decoding]
     host, device = runner.static.step(stepping, fresh)
-    fresh_ids = {id(f[0]) for f in fresh}
-    for i, g, frame, on_device in zip(idx, stepping, host, device):
-        if id(g) not in fresh_ids:
+    for i, g, decoding, frame, on_device in zip(idx, stepping, was_decoding, host, device):
+        if decoding:
             g.position += 1
         if int(frame[0]) == runner.im_end_id:
             g.finish("end")

@@ -87,10 +87,9 @@ class StaticDecoder:
 
     def acquire(self, gen: FrameGenerator) -> int | None:
         """Give `gen` a free slot (its caches become views of the slot) or None if all are taken."""
-        free = [s for s in range(self.slots) if self._owner(s) is None]
-        if not free:
+        slot = next((s for s in range(self.slots) if self._owner(s) is None), None)
+        if slot is None:
             return None
-        slot = free[0]
         self.owner[slot] = weakref.ref(gen)
         s = gen.sampling
         self.temperature[slot] = s.temperature

@@ -133,11 +133,7 @@ class JobManager:
 
     async def submit(self, job_input: Any, *, streaming: bool, timeout: float | None = None,
                      id_prefix: str = "", webhook: str | None = None) -> str:
-        if self._stopping:
-            raise QueueFull("the server is shutting down")
-        if len(self._pending) + self._reserved >= self.queue_size:
-            raise QueueFull(f"the job queue is full ({len(self._pending)} waiting, {self.running} running); "
-                            "retry later")
+        self._check_room()
         job_id = f"{id_prefix}{uuid.uuid4()}"
         limit = min(timeout, self.execution_timeout) if timeout else self.execution_timeout
         self._reserved += 1  # holds the place while the insert is on the store thread
@@ -148,6 +144,13 @@ class JobManager:
             self._reserved -= 1
         await self._enqueue(job_id)
         return job_id
+
+    def _check_room(self) -> None:
+        if self._stopping:
+            raise QueueFull("the server is shutting down")
+        if len(self._pending) + self._reserved >= self.queue_size:
+            raise QueueFull(f"the job queue is full ({len(self._pending)} waiting, {self.running} running); "
+                            "retry later")
 
     async def _enqueue(self, job_id: str) -> None:
         self._streams[job_id] = []
@@ -164,9 +167,7 @@ class JobManager:
             return None
         if row.status not in RETRYABLE_STATES:
             raise NotRetryable(f"job {job_id!r} is {row.status}; only FAILED or TIMED_OUT jobs can be retried")
-        if self._stopping or len(self._pending) + self._reserved >= self.queue_size:
-            raise QueueFull(f"the job queue is full ({len(self._pending)} waiting, {self.running} running); "
-                            "retry later")
+        self._check_room()
         if not await self._db(self.store.retry, job_id):
             raise NotRetryable(f"job {job_id!r} cannot be retried: its input is no longer kept")
         await self._enqueue(job_id)
