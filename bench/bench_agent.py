@@ -28,12 +28,12 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.asr import Transcriber  # noqa: E402
-from engine.conversation import ConversationSession  # noqa: E402
-from engine.conversation_types import AudioOut, PipelineEvent, TurnDetection  # noqa: E402
-from engine.llm import ChatOptions, create_llm  # noqa: E402
-from engine.tts_types import SamplingOptions  # noqa: E402
-from engine.vad import FRAME_SAMPLES, SileroVAD  # noqa: E402
+from engine.agent.asr import Transcriber  # noqa: E402
+from engine.agent.conversation import ConversationSession  # noqa: E402
+from engine.agent.conversation_types import AudioOut, PipelineEvent, TurnDetection  # noqa: E402
+from engine.agent.llm import ChatOptions, create_llm  # noqa: E402
+from engine.speech.types import SamplingOptions  # noqa: E402
+from engine.agent.vad import FRAME_SAMPLES, SileroVAD  # noqa: E402
 
 SAMPLE_RATE = 16_000
 
@@ -49,10 +49,10 @@ def espeak(text: str, rate: int = 150) -> np.ndarray:
 def load_tts(spec: str):
     if spec == "none":
         return None, "none"
-    from engine.tts import TTSEngine
+    from engine.speech.tts import TTSEngine
 
     if spec == "tiny":
-        from engine.tiny import make_tiny_checkpoint
+        from engine.fish.tiny import make_tiny_checkpoint
 
         path = make_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="bench-agent-")), family="s1-mini", seed=0)
         return TTSEngine.load(path, device="cpu"), "tiny s1-mini (random weights)"

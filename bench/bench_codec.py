@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from engine.codec import Codec, CodecConfig, StreamingDecoder
+from engine.fish.codec import Codec, CodecConfig, StreamingDecoder
 
 
 def build(device: str, dtype: torch.dtype) -> Codec:

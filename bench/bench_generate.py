@@ -11,12 +11,12 @@ import time
 
 import torch
 
-from engine.config import parse_config
-from engine.dual_ar import DualARTransformer
-from engine.generate import DualARRunner
-from engine.llm_loader import init_random_weights
-from engine.presets import PUBLISHED_IDS, S1_MINI_CONFIG, S2_PRO_CONFIG
-from engine.tts_types import SamplingOptions
+from engine.fish.config import parse_config
+from engine.fish.dual_ar import DualARTransformer
+from engine.fish.generate import DualARRunner
+from engine.fish.dual_ar_loader import init_random_weights
+from engine.fish.presets import PUBLISHED_IDS, S1_MINI_CONFIG, S2_PRO_CONFIG
+from engine.speech.types import SamplingOptions
 
 
 def build(family: str, device: str, dtype: torch.dtype) -> DualARRunner:

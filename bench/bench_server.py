@@ -22,8 +22,8 @@ from pathlib import Path
 
 import requests
 
-from engine.tts import TTSEngine
-from engine.tts_types import SamplingOptions, TTSRequest
+from engine.speech.tts import TTSEngine
+from engine.speech.types import SamplingOptions, TTSRequest
 from server.services import Services
 from server.settings import Settings
 from server.testing import LiveServer
@@ -127,7 +127,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint
         if checkpoint is None:
-            from engine.tiny import make_tiny_checkpoint
+            from engine.fish.tiny import make_tiny_checkpoint
 
             checkpoint = make_tiny_checkpoint(Path(tmp) / "tiny", "s1-mini", seed=0)
         engine = TTSEngine.load(checkpoint, device=args.device, dtype=args.dtype)
@@ -137,7 +137,7 @@ def main() -> None:
             engine_first_chunk(engine, args.frames, 2)  # warm-up
             with LiveServer(settings, Services(tts=engine)) as live:
                 job_first_chunk(live.url, args.frames, 2)
-                print(f"checkpoint {checkpoint} on {engine.models.device}/{engine.models.dtype}, "
+                print(f"checkpoint {checkpoint} on {engine.fish.models.device}/{engine.fish.models.dtype}, "
                       f"{args.frames} frames per request")
                 print(f"first chunk  engine        {ms(engine_first_chunk(engine, args.frames, args.runs))}")
                 print(f"first chunk  /run+/stream  {ms(job_first_chunk(live.url, args.frames, args.runs))}")

@@ -17,8 +17,8 @@ import time
 import torch
 
 from bench_generate import build, chosen_dtype, model_arguments, realistic_prompt
-from engine.codec import Codec, CodecConfig, StreamingDecoder
-from engine.tts_types import SamplingOptions
+from engine.fish.codec import Codec, CodecConfig, StreamingDecoder
+from engine.speech.types import SamplingOptions
 
 
 def full_size_codec(device: str) -> Codec:

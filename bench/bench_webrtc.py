@@ -50,7 +50,7 @@ async def serve(args: argparse.Namespace) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench-webrtc-"))
     checkpoint = args.checkpoint
     if checkpoint is None:
-        from engine.tiny import make_tiny_checkpoint
+        from engine.fish.tiny import make_tiny_checkpoint
 
         checkpoint = make_tiny_checkpoint(workdir / "tiny-s1-mini", "s1-mini", seed=0)
     settings = Settings(checkpoint=str(checkpoint), device=args.device, data_dir=workdir / "data",

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError
-from .config import ConfigError
-from .tts_types import Reference, SamplingOptions, TTSRequest
+from engine.fish.checkpoint import CheckpointError
+from engine.fish.config import ConfigError
+from engine.speech.types import Reference, SamplingOptions, TTSRequest
 
 
 def _add_runtime(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
@@ -48,7 +48,7 @@ def _sampling(args: argparse.Namespace) -> SamplingOptions:
 
 
 def _read_audio(path: str, sample_rate: int) -> np.ndarray:
-    from .audio import decode_audio
+    from engine.audio import decode_audio
 
     return decode_audio(Path(path).read_bytes(), sample_rate)
 
@@ -69,7 +69,7 @@ def write_float_wav(path: str | Path, pcm: np.ndarray, sample_rate: int) -> None
 
 
 def cmd_codec(args: argparse.Namespace) -> None:
-    from .models import load_codec_only
+    from engine.fish.models import load_codec_only
 
     codec = load_codec_only(args.checkpoint, args.device, args.dtype)
     with torch.inference_mode():
@@ -92,9 +92,9 @@ def cmd_codec(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .generate import FirstStepDump, generate_codes
-    from .models import load_models
-    from .prompt import build_prompt
+    from engine.fish.generate import FirstStepDump, generate_codes
+    from engine.fish.models import load_models
+    from engine.fish.prompt import build_prompt
 
     models = load_models(args.checkpoint, args.device, args.dtype)
     references = []
@@ -123,7 +123,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_tts(args: argparse.Namespace) -> None:
-    from .tts import TTSEngine
+    from engine.speech.tts import TTSEngine
 
     engine = TTSEngine.load(args.checkpoint, args.device, args.dtype, args.decode_slots)
     refs: tuple[Reference, ...] = ()
@@ -152,7 +152,7 @@ def cmd_tts(args: argparse.Namespace) -> None:
     if args.output.endswith(".npy"):
         np.save(args.output, audio)
     else:
-        from .audio import encode_audio
+        from engine.audio import encode_audio
 
         fmt = Path(args.output).suffix.lstrip(".").lower() or "wav"
         if fmt == "wav":
@@ -163,7 +163,7 @@ def cmd_tts(args: argparse.Namespace) -> None:
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> None:
-    from .tiny import make_tiny_checkpoint
+    from engine.fish.tiny import make_tiny_checkpoint
 
     out = make_tiny_checkpoint(args.output, args.family, seed=args.seed)
     print(f"wrote a tiny random {args.family} checkpoint to {out}")

@@ -20,7 +20,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from engine.audio import encode_audio, float_to_pcm16, mime_type
-from engine.tts_types import Reference, SamplingOptions, TTSRequest
+from engine.speech.types import Reference, SamplingOptions, TTSRequest
 from server.handler import (SpeechPiece, TurnResult, named_voice, precheck_job, frame_limit, parse_job_input,
                             probe_audio, run_turn)
 from server.http import CONVERSATIONS, SERVICES, SETTINGS, fish_error, read_structured, requires_key

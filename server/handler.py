@@ -23,7 +23,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from engine.audio import AudioDecodeError, decode_audio, encode_audio, float_to_pcm16
-from engine.tts_types import Reference, SamplingOptions, TTSRequest
+from engine.speech.types import Reference, SamplingOptions, TTSRequest
 from server.conversations import Conversation, ConversationStore
 from server.schema import JobInput, RequestError, decode_base64_audio, describe_validation_error
 from server.services import ServiceUnavailable, Services
@@ -222,9 +222,9 @@ async def run_turn(job: ParsedJob, services: Services, settings: Settings,
             spoken = reply_text = job.text
             history = conv.history + [{"role": "assistant", "content": job.text}]
         else:
-            from engine.agent import AgentReply, stream_agent_reply
-            from engine.llm.base import ChatOptions
-            from engine.reply_stream import SentenceAudio
+            from engine.agent.job_turn import AgentReply, stream_agent_reply
+            from engine.agent.llm.base import ChatOptions
+            from engine.agent.reply_stream import SentenceAudio
 
             reply: AgentReply | None = None
             chat = ChatOptions(max_tokens=inp.max_tokens or settings.llm_max_tokens)
@@ -310,7 +310,7 @@ def error_output(message: str) -> dict[str, Any]:
 async def handle_job(job_input: Any, services: Services, settings: Settings,
                      conversations: ConversationStore) -> AsyncIterator[dict[str, Any]]:
     """The job handler shared by the job API and the RunPod worker (see the module docstring)."""
-    from engine.reply_stream import ReplyError
+    from engine.agent.reply_stream import ReplyError
 
     try:
         job = parse_job_input(job_input, services, settings)

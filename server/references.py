@@ -14,7 +14,7 @@ import shutil
 import threading
 from pathlib import Path
 
-from engine.tts_types import Reference
+from engine.speech.types import Reference
 
 ID_PATTERN = re.compile(r"^[a-zA-Z0-9\-_ ]+$")
 MAX_ID_LENGTH = 255

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 from server.settings import Settings
 
 if TYPE_CHECKING:
-    from engine.asr import Transcriber
-    from engine.llm.base import ChatLLM
-    from engine.tts_types import SpeechSynthesizer
-    from engine.vad import SileroVAD
+    from engine.agent.asr import Transcriber
+    from engine.agent.llm.base import ChatLLM
+    from engine.speech.types import SpeechSynthesizer
+    from engine.agent.vad import SileroVAD
     from server.references import ReferenceStore
 
 log = logging.getLogger(__name__)
@@ -96,27 +96,27 @@ def _timed(services: Services, name: str, fn):
 
 
 def _load_tts(settings: Settings):
-    from engine.tts import TTSEngine
+    from engine.speech.tts import TTSEngine
 
     return TTSEngine.load(settings.checkpoint, device=settings.device, dtype=settings.dtype,
                           decode_slots=settings.decode_slots)
 
 
 def _load_asr(settings: Settings):
-    from engine.asr import Transcriber
+    from engine.agent.asr import Transcriber
 
     model = None if settings.asr_model.strip().lower() == "default" else settings.asr_model
     return Transcriber.load(model)
 
 
 def _load_vad(settings: Settings):
-    from engine.vad import SileroVAD
+    from engine.agent.vad import SileroVAD
 
     return SileroVAD.load()
 
 
 def _load_llm(settings: Settings):
-    from engine.llm import create_llm
+    from engine.agent.llm import create_llm
 
     return create_llm(base_url=settings.llm_base_url, model=settings.llm_model, api_key=settings.llm_api_key,
                       gguf_path=settings.llm_gguf)

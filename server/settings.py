@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from engine.tts_types import SamplingOptions
+from engine.speech.types import SamplingOptions
 
 MIN_RESULT_TTL = 1800.0  # RunPod keeps /run results 30 minutes; we never keep them less
 

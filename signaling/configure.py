@@ -9,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from engine.conversation import DEFAULT_INSTRUCTIONS, ConversationSession
-from engine.conversation_types import TurnDetection
-from engine.llm.base import ChatOptions
-from engine.tts_types import SamplingOptions
+from engine.agent.conversation import DEFAULT_INSTRUCTIONS, ConversationSession
+from engine.agent.conversation_types import TurnDetection
+from engine.agent.llm.base import ChatOptions
+from engine.speech.types import SamplingOptions
 from signaling.errors import CallError
 from signaling.options import OptionsError, SessionOptions, resolve_voice, sampling_options
 

@@ -18,8 +18,8 @@ import inspect
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from engine.conversation_types import TurnDetection
-from engine.tts_types import Reference, SamplingOptions
+from engine.agent.conversation_types import TurnDetection
+from engine.speech.types import Reference, SamplingOptions
 
 KEEP = "keep"
 _SAMPLING_FIELDS = {"temperature": float, "top_p": float, "top_k": int, "repetition_penalty": float,

@@ -23,7 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
-from engine.conversation_types import TurnDetection
+from engine.agent.conversation_types import TurnDetection
 from signaling import events as ev
 from signaling.options import OptionsError, SessionOptions, from_query, from_session
 from signaling.errors import CallError

@@ -22,8 +22,8 @@ from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.exceptions import InvalidAccessError, InvalidStateError, OperationError
 from aiortc.rtcdatachannel import RTCDataChannel
 
-from engine.conversation import ConversationSession
-from engine.conversation_types import AudioClear, AudioOut, PipelineEvent
+from engine.agent.conversation import ConversationSession
+from engine.agent.conversation_types import AudioClear, AudioOut, PipelineEvent
 from signaling import events as ev
 from signaling.configure import apply_options, build_conversation
 from signaling.errors import CallError

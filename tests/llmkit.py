@@ -21,7 +21,7 @@ from typing import Literal
 
 from aiohttp import web
 
-from engine.llm.embedded import default_gguf_path
+from engine.agent.llm.embedded import default_gguf_path
 
 
 def free_port() -> int:

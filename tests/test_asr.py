@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from engine.asr import ASRError, Transcriber
+from engine.agent.asr import ASRError, Transcriber
 import speechkit
 
 pytestmark = pytest.mark.skipif(not speechkit.espeak_available(), reason="espeak-ng/sox not installed")

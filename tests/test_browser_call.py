@@ -200,7 +200,7 @@ class RealServer:
     async def start(self) -> RealServer:
         from aiohttp import web
 
-        from engine.tiny import make_tiny_checkpoint
+        from engine.fish.tiny import make_tiny_checkpoint
         from server.app import create_app
         from server.settings import Settings
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.checkpoint import CheckpointError, resolve_checkpoint
+from engine.fish.checkpoint import CheckpointError, resolve_checkpoint
 
 
 def test_existing_directory_is_used_as_is(tmp_path):

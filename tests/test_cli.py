@@ -73,7 +73,7 @@ def test_codec_generate_and_tts_commands(tmp_path, tiny_s1_checkpoint, speech_wa
     assert gen.shape[0] == 10 and 0 < gen.shape[1] <= 5
     prompt = np.load(ids)
     assert prompt.shape[0] == 11 and prompt.shape[1] > 16
-    from engine.tokenizer import FishTokenizer
+    from engine.fish.tokenizer import FishTokenizer
     tok = FishTokenizer.from_dir(tiny_s1_checkpoint)
     semantic = (prompt[0] >= tok.semantic_begin_id) & (prompt[0] <= tok.semantic_end_id)
     assert semantic.sum() == 16 and np.array_equal(prompt[1:, semantic], ref)  # the reference's codes, in order

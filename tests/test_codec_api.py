@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from engine.codec import load_codec, make_tiny_codec_state_dict
+from engine.fish.codec import load_codec, make_tiny_codec_state_dict
 
 HOP = 2048
 SIZES = (64,) + (32,) * 9

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.codec import Codec, CodecConfig, make_tiny_codec_state_dict
-from engine.codec.config import WN_NEW
+from engine.fish.codec import Codec, CodecConfig, make_tiny_codec_state_dict
+from engine.fish.codec.config import WN_NEW
 
 W0, W1 = WN_NEW  # ".parametrizations.weight.original0" / "...original1"
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.checkpoint import CheckpointError
-from engine.codec import CodecCheckpointError, load_codec, make_tiny_codec_state_dict, write_tiny_codec
-from engine.codec.config import WN_NEW, WN_OLD
+from engine.fish.checkpoint import CheckpointError
+from engine.fish.codec import CodecCheckpointError, load_codec, make_tiny_codec_state_dict, write_tiny_codec
+from engine.fish.codec.config import WN_NEW, WN_OLD
 
 STALE = ("freqs_cis", "causal_mask")
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.codec import load_codec, make_tiny_codec_state_dict
-from engine.codec.config import TransformerShape
-from engine.codec.layers import CausalConv1d, CausalConvTranspose1d, Snake1d
-from engine.codec.transformer import WindowLimitedTransformer, rope_table
+from engine.fish.codec import load_codec, make_tiny_codec_state_dict
+from engine.fish.codec.config import TransformerShape
+from engine.fish.codec.layers import CausalConv1d, CausalConvTranspose1d, Snake1d
+from engine.fish.codec.transformer import WindowLimitedTransformer, rope_table
 
 torch.manual_seed(0)
 

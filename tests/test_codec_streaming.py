@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from engine.codec import StreamingDecoder, load_codec, make_tiny_codec_state_dict
+from engine.fish.codec import StreamingDecoder, load_codec, make_tiny_codec_state_dict
 
 HOP = 2048
 SIZES = (64,) + (32,) * 9

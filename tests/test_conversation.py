@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 import speechkit
-from engine.agent import AgentInputError, AgentReply, agent_reply, stream_agent_reply
-from engine.conversation import ConversationSession, _Response, _Sentence
-from engine.conversation_types import AudioClear, AudioOut, PipelineEvent, TurnDetection
-from engine.llm import ChatOptions
-from engine.llm.openai_compat import OpenAICompatLLM
-from engine.reply_stream import ReplyError, SentenceAudio, TextDelta
-from engine.tts_types import AudioChunk, SamplingOptions, TTSRequest
+from engine.agent.job_turn import AgentInputError, AgentReply, agent_reply, stream_agent_reply
+from engine.agent.conversation import ConversationSession, _Response, _Sentence
+from engine.agent.conversation_types import AudioClear, AudioOut, PipelineEvent, TurnDetection
+from engine.agent.llm import ChatOptions
+from engine.agent.llm.openai_compat import OpenAICompatLLM
+from engine.agent.reply_stream import ReplyError, SentenceAudio, TextDelta
+from engine.speech.types import AudioChunk, SamplingOptions, TTSRequest
 from llmkit import FaultyEndpoint, LlamaServer, llama_server_missing
 
 pytestmark = [
@@ -33,9 +33,9 @@ TTS_FRAMES = SamplingOptions(max_new_tokens=12, seed=0)  # random tiny weights n
 
 def _tts_unavailable() -> str | None:
     try:
-        import engine.tts  # noqa: F401
+        import engine.speech.tts  # noqa: F401
     except ImportError as exc:
-        return f"engine.tts is not importable yet ({exc})"
+        return f"engine.speech.tts is not importable yet ({exc})"
     return None
 
 
@@ -45,21 +45,21 @@ needs_tts = pytest.mark.skipif(_tts_unavailable() is not None, reason=str(_tts_u
 # ---------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def asr():
-    from engine.asr import Transcriber
+    from engine.agent.asr import Transcriber
 
     return Transcriber.load()
 
 
 @pytest.fixture(scope="module")
 def vad():
-    from engine.vad import SileroVAD
+    from engine.agent.vad import SileroVAD
 
     return SileroVAD.load()
 
 
 @pytest.fixture(scope="module")
 def llm():
-    from engine.llm.embedded import EmbeddedLLM
+    from engine.agent.llm.embedded import EmbeddedLLM
 
     model = EmbeddedLLM.load()
     yield model

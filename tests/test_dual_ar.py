@@ -6,13 +6,13 @@ import json
 import pytest
 import torch
 
-from engine.checkpoint import CheckpointError, load_llm_state_dict
-from engine.config import ConfigError, DualARConfig, load_config, parse_config
-from engine.dual_ar import DualARTransformer, rope_table
-from engine.generate import DualARRunner, FirstStepDump, generate_codes
-from engine.llm_loader import build_on_meta, init_random_weights, load_dual_ar
-from engine.presets import S1_MINI_CONFIG, S2_PRO_CONFIG
-from engine.tts_types import SamplingOptions
+from engine.fish.checkpoint import CheckpointError, load_llm_state_dict
+from engine.fish.config import ConfigError, DualARConfig, load_config, parse_config
+from engine.fish.dual_ar import DualARTransformer, rope_table
+from engine.fish.generate import DualARRunner, FirstStepDump, generate_codes
+from engine.fish.dual_ar_loader import build_on_meta, init_random_weights, load_dual_ar
+from engine.fish.presets import S1_MINI_CONFIG, S2_PRO_CONFIG
+from engine.speech.types import SamplingOptions
 
 # (key, S2-Pro shape, S1-mini shape) straight from the spec's table §2.3.
 PUBLISHED_SHAPES = [
@@ -268,7 +268,7 @@ def test_load_in_bfloat16(tmp_path):
 
 
 def test_prefix_cache_reuse_matches_a_full_prefill():
-    from engine.generate import PrefixCache
+    from engine.fish.generate import PrefixCache
 
     model = _small_model()
     base = _prompt(40, seed=3)
@@ -287,7 +287,7 @@ def test_prefix_cache_reuse_matches_a_full_prefill():
 
 @pytest.mark.parametrize("family", ["s1-mini", "s2-pro"])
 def test_batched_steps_equal_separate_runs(family):
-    from engine.generate import PrefixCache
+    from engine.fish.generate import PrefixCache
 
     model = _small_model(family, seed=2)
     prompts = [_prompt(12, seed=1), _prompt(20, seed=2), _prompt(9, seed=3)]
@@ -310,7 +310,7 @@ def test_batched_steps_equal_separate_runs(family):
 
 
 def test_prefix_cache_memory_is_bounded():
-    from engine.generate import PrefixCache
+    from engine.fish.generate import PrefixCache
 
     model = _small_model()
     # one 40-position entry: 2 layers x (k + v) x 2 heads x 40 x 16 x 4 bytes = 20480 bytes

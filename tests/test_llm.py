@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from engine.conversation import DEFAULT_INSTRUCTIONS as SYSTEM  # the product's own prompt
-from engine.llm import ChatOptions, LLMError, build_messages, create_llm, validate_messages
-from engine.llm.openai_compat import OpenAICompatLLM
-from engine.sentences import SentenceSplitter, speakable, split_sentences
+from engine.agent.conversation import DEFAULT_INSTRUCTIONS as SYSTEM  # the product's own prompt
+from engine.agent.llm import ChatOptions, LLMError, build_messages, create_llm, validate_messages
+from engine.agent.llm.openai_compat import OpenAICompatLLM
+from engine.text.sentences import SentenceSplitter, speakable, split_sentences
 from llmkit import FaultyEndpoint, LlamaServer, llama_server_missing
 
 FRANCE = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What is the capital of France?"}]
@@ -82,7 +82,7 @@ def test_bad_messages_and_options_are_rejected():
 # ---------------------------------------------------------------- embedded llama.cpp
 @pytest.fixture(scope="module")
 def embedded():
-    from engine.llm.embedded import EmbeddedLLM
+    from engine.agent.llm.embedded import EmbeddedLLM
 
     llm = EmbeddedLLM.load()
     yield llm
@@ -145,7 +145,7 @@ async def test_embedded_loop_keeps_running_while_generating(embedded):
 
 def test_missing_gguf_is_a_clear_error(tmp_path):
     pytest.importorskip("llama_cpp")
-    from engine.llm.embedded import EmbeddedLLM
+    from engine.agent.llm.embedded import EmbeddedLLM
 
     with pytest.raises(LLMError, match="not found"):
         EmbeddedLLM.load(tmp_path / "nope.gguf")

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.prompt import build_prompt
-from engine.tiny_tokenizer import write_tiny_tokenizer
-from engine.tokenizer import FishTokenizer
+from engine.fish.prompt import build_prompt
+from engine.fish.tiny_tokenizer import write_tiny_tokenizer
+from engine.fish.tokenizer import FishTokenizer
 
 K = 10  # codebooks of the tiny checkpoints (and the published ones)
 NUM_SEMANTIC = 64

@@ -4,7 +4,7 @@ from __future__ import annotations
 import threading
 import time
 
-from engine.scheduler import ModelWorker
+from engine.speech.scheduler import ModelWorker
 
 
 def _collect(worker, steps):
@@ -91,7 +91,7 @@ def test_a_failing_job_does_not_hurt_the_others():
 
 
 def test_batchable_steps_of_concurrent_jobs_run_together():
-    from engine.scheduler import BatchableStep
+    from engine.speech.scheduler import BatchableStep
 
     batches: list[list[int]] = []
 

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from engine.audio import decode_audio, encode_audio
-from engine.tts import ReferenceCache
+from engine.speech.tts import ReferenceCache
 from server.references import ReferenceStore
 from server.services import Services
 from server.settings import Settings

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from engine.audio import decode_audio, encode_audio
-from engine.tts import ReferenceCache
+from engine.speech.tts import ReferenceCache
 from server.references import ReferenceStore
 from server.services import Services
 from server.settings import Settings
@@ -584,8 +584,8 @@ def test_agent_mode_replies_and_speaks(tts_engine, tmp_path):
     pytest.importorskip("llama_cpp")
     import speechkit
 
-    from engine.asr import Transcriber
-    from engine.llm import create_llm
+    from engine.agent.asr import Transcriber
+    from engine.agent.llm import create_llm
     from server.http import CONVERSATIONS
 
     if not speechkit.espeak_available():

@@ -7,8 +7,8 @@ import gc
 import pytest
 import torch
 
-from engine.generate import DualARRunner, PrefixCache, generate_codes
-from engine.tts_types import SamplingOptions
+from engine.fish.generate import DualARRunner, PrefixCache, generate_codes
+from engine.speech.types import SamplingOptions
 from test_dual_ar import _prompt, _small_model
 
 
@@ -72,7 +72,7 @@ def test_batched_sampling_settings_match_per_row_numbers():
     """Non-greedy: the batched form the static decoder uses (per-row (B, 1) settings, a validity
     mask over the repetition window) picks what the per-request form FrameGenerator uses picks,
     for the same logits and the same exponential noise."""
-    from engine.sampling import apply_repetition_penalty, filtered_probs
+    from engine.fish.sampling import apply_repetition_penalty, filtered_probs
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 50, generator=g) * 3
@@ -124,8 +124,8 @@ def test_static_path_through_the_tts_engine(tiny_s1_checkpoint):
     """The whole TTS pipeline on static slots gives the same audio as the dynamic path."""
     import asyncio
 
-    from engine.tts import TTSEngine
-    from engine.tts_types import TTSRequest
+    from engine.speech.tts import TTSEngine
+    from engine.speech.types import TTSRequest
 
     request = TTSRequest(text="Hello there. How are you?", chunk_length=12,
                          sampling=SamplingOptions(greedy=True, max_new_tokens=6))

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from engine.text_chunks import MAX_TURNS_PER_CHUNK, split_speaker_turns, split_text
-from engine.text_normalize import clean_text, normalize_text
+from engine.text.chunks import MAX_TURNS_PER_CHUNK, split_speaker_turns, split_text
+from engine.text.normalize import clean_text, normalize_text
 
 
 def nbytes(s: str) -> int:

@@ -10,8 +10,8 @@ import pytest
 import regex
 from tokenizers import AddedToken, Tokenizer
 
-from engine.tiny_tokenizer import write_tiny_tokenizer
-from engine.tokenizer import (FISH_TIKTOKEN_PATTERN, S1_SPECIAL_TOKENS, FishTokenizer, HFTokenizer,
+from engine.fish.tiny_tokenizer import write_tiny_tokenizer
+from engine.fish.tokenizer import (FISH_TIKTOKEN_PATTERN, S1_SPECIAL_TOKENS, FishTokenizer, HFTokenizer,
                               TiktokenTokenizer, TokenizerError)
 
 NUM_SEMANTIC = 64

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.tts import TTSEngine, TTSInputError
-from engine.tts_types import Reference, SamplingOptions, TTSRequest
+from engine.speech.tts import TTSEngine, TTSInputError
+from engine.speech.types import Reference, SamplingOptions, TTSRequest
 
 GREEDY8 = SamplingOptions(greedy=True, max_new_tokens=8)
 
@@ -44,8 +44,8 @@ async def test_stream_yields_chunks_every_n_frames(tts_engine):
 
 
 async def test_streamed_audio_equals_whole_decode_of_the_same_codes(tts_engine):
-    from engine.generate import generate_codes
-    from engine.prompt import build_prompt
+    from engine.fish.generate import generate_codes
+    from engine.fish.prompt import build_prompt
 
     m = tts_engine.models
     request = TTSRequest(text="Streaming check.", sampling=GREEDY8, stream_every_frames=2, normalize=False)
@@ -141,7 +141,7 @@ async def test_bad_input_gets_clear_errors(tts_engine):
 async def test_s2_family_synthesizes(tiny_s2_checkpoint):
     engine = TTSEngine.load(tiny_s2_checkpoint, device="cpu")
     try:
-        assert engine.models.family == "s2-pro"
+        assert engine.fish.models.family == "s2-pro"
         ref = Reference(text="A reference.", audio=_wav_bytes(0.6))
         chunks = await _collect(engine, TTSRequest(text="Hello from S2.", references=(ref,), sampling=GREEDY8))
         assert sum(c.frames for c in chunks) >= 1

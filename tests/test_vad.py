@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from engine.conversation_types import TurnDetection
-from engine.vad import FRAME_SAMPLES, SileroVAD, SpeechStarted, SpeechStopped, TurnDetector
+from engine.agent.conversation_types import TurnDetection
+from engine.agent.vad import FRAME_SAMPLES, SileroVAD, SpeechStarted, SpeechStopped, TurnDetector
 import speechkit
 
 pytestmark = pytest.mark.skipif(not speechkit.espeak_available(), reason="espeak-ng/sox not installed")
@@ -142,7 +142,7 @@ def test_int16_input_is_scaled_like_float(vad, two_sentences):
 
 
 def test_vad_path_never_imports_torch():
-    code = ("import sys; from engine.vad import SileroVAD; SileroVAD.load(); "
+    code = ("import sys; from engine.agent.vad import SileroVAD; SileroVAD.load(); "
             "assert 'torch' not in sys.modules, 'torch was imported'; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr

@@ -22,7 +22,7 @@ import aioice.ice
 import pytest
 
 import speechkit
-from engine.tts_types import SamplingOptions
+from engine.speech.types import SamplingOptions
 from rtc_client import LocalServer, RealtimeClient, force_loopback_ice
 
 QUESTION = "What is the capital of France?"
@@ -32,9 +32,9 @@ LONG_FRAMES = 400  # ~18 s: a reply that is still playing when the user barges i
 
 @pytest.fixture(scope="module")
 def models(tts_engine, tmp_path_factory):
-    from engine.asr import Transcriber
-    from engine.llm.embedded import EmbeddedLLM
-    from engine.vad import SileroVAD
+    from engine.agent.asr import Transcriber
+    from engine.agent.llm.embedded import EmbeddedLLM
+    from engine.agent.vad import SileroVAD
     from server.references import ReferenceStore
 
     llm = EmbeddedLLM.load()

@@ -14,9 +14,9 @@ from rtc_client import RealtimeClient, SpeechSource, LocalServer, force_loopback
 
 @pytest.fixture(scope="module")
 def services():
-    from engine.asr import Transcriber
-    from engine.llm.embedded import EmbeddedLLM
-    from engine.vad import SileroVAD
+    from engine.agent.asr import Transcriber
+    from engine.agent.llm.embedded import EmbeddedLLM
+    from engine.agent.vad import SileroVAD
 
     llm = EmbeddedLLM.load()
     yield types.SimpleNamespace(asr=Transcriber.load(), vad=SileroVAD.load(), llm=llm, tts=None)

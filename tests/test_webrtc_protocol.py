@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from engine.conversation_types import TurnDetection
+from engine.agent.conversation_types import TurnDetection
 from signaling import events as ev
 from signaling.options import OptionsError, from_query, from_session
 

@@ -1,0 +1,99 @@
+"""Load everything a checkpoint directory holds: config, tokenizer, Dual-AR weights, codec."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from engine.fish.checkpoint import CheckpointError, resolve_checkpoint
+from engine.fish.codec import Codec, load_codec
+from engine.fish.config import DualARConfig, load_config
+from engine.fish.dual_ar import DualARTransformer
+from engine.fish.generate import DualARRunner
+from engine.fish.dual_ar_loader import load_dual_ar
+from engine.fish.tokenizer import FishTokenizer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise CheckpointError("--device cuda was asked for but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """float32 on CPU and bfloat16 on CUDA unless told otherwise."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}") from None
+
+
+DEFAULT_CUDA_DECODE_SLOTS = 4
+# Positions per static slot: bounds its KV memory (S1-mini bf16: ~0.9 GiB per slot at 8192).
+STATIC_CAPACITY = 8192
+
+
+@dataclasses.dataclass
+class FishModels:
+    checkpoint_dir: Path
+    config: DualARConfig
+    tokenizer: FishTokenizer
+    model: DualARTransformer
+    runner: DualARRunner
+    codec: Codec
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def family(self) -> str:
+        return self.config.family
+
+
+def load_codec_only(checkpoint: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None) -> Codec:
+    directory = resolve_checkpoint(checkpoint)
+    dev = pick_device(device)
+    path = directory / "codec.pth"
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: the checkpoint directory must hold the codec weights")
+    return load_codec(path, device=dev, dtype=pick_dtype(dtype, dev))
+
+
+def load_models(checkpoint: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None,
+                decode_slots: int | None = None) -> FishModels:
+    """Load a checkpoint directory. `decode_slots` sequences decode through static buffers and
+    on-device sampling (CUDA graphs on a GPU): default 4 on CUDA, 0 (the dynamic path) on CPU."""
+    t0 = time.perf_counter()
+    directory = resolve_checkpoint(checkpoint)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    tokenizer = FishTokenizer.from_dir(directory)
+    # The tokenizer is authoritative for the semantic range (spec §1.5).
+    config = load_config(directory).with_semantic_ids(tokenizer.semantic_begin_id, tokenizer.semantic_end_id)
+    if tokenizer.semantic_end_id >= config.vocab_size or tokenizer.im_end_id >= config.vocab_size:
+        raise CheckpointError(f"tokenizer ids exceed the model vocabulary of {config.vocab_size}")
+    if tokenizer.semantic_end_id - tokenizer.semantic_begin_id + 1 < config.codebook_size:
+        raise CheckpointError("the tokenizer has fewer semantic tokens than the first codebook has entries")
+    model = load_dual_ar(directory, config, dev, dt)
+    codec = load_codec_only(directory, str(dev), dtype=torch.float32 if dev.type == "cpu" else dt)
+    if codec.num_codebooks != config.num_codebooks:
+        raise CheckpointError(f"codec has {codec.num_codebooks} codebooks but the model predicts {config.num_codebooks}")
+    runner = DualARRunner(model, tokenizer.im_end_id, fast_vocab=min(codec.codebook_sizes[1:]))
+    slots = (DEFAULT_CUDA_DECODE_SLOTS if dev.type == "cuda" else 0) if decode_slots is None else decode_slots
+    if slots > 0:
+        runner.enable_static_decode(slots=slots, capacity=min(config.max_seq_len, STATIC_CAPACITY))
+    log.info("loaded %s (%s) from %s on %s/%s in %.1f s", config.family, type(model).__name__, directory, dev, dt,
+             time.perf_counter() - t0)
+    return FishModels(directory, config, tokenizer, model, runner, codec, dev, dt)

@@ -1,0 +1,108 @@
+"""Prompt formats of the two families (spec §3), as the (K+1, T) int64 array the model reads.
+
+A prompt is a list of parts, each tokenised separately and concatenated, as upstream does:
+template text (may hold special tokens), user text (scrubbed of them) and VQ parts (one position
+per code frame: token = semantic_begin_id + code0, the K codes in rows 1..K).
+
+* s1-mini (OpenAudio S1 era, §3.2): `<|interleave|>`, then per reference `<|speaker:0|>` + its
+  transcript + its codes + `<|im_end|>`, then `<|speaker:0|>` + the text. Upstream does not split
+  text; for long text we feed earlier chunks back exactly like extra references, which is the
+  format the model already knows for "this speaker said this, sounding like that".
+* s2-pro (upstream HEAD, §3.1): a system message carrying the references, earlier chunks as
+  user/assistant pairs with their codes, the current chunk as a user turn, and an open
+  `<|im_start|>assistant\\n<|voice|>` turn.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from engine.fish.tokenizer import IM_END, FishTokenizer
+
+Codes = np.ndarray  # int [K, frames]
+_SPEAKER_TAG = re.compile(r"<\|speaker:\d+\|>")
+
+
+class _Parts:
+    def __init__(self, tokenizer: FishTokenizer, num_codebooks: int) -> None:
+        self.tok = tokenizer
+        self.k = num_codebooks
+        self.columns: list[np.ndarray] = []
+
+    def template(self, text: str) -> None:
+        self._tokens(self.tok.encode(text))
+
+    def user(self, text: str) -> None:
+        self._tokens(self.tok.encode_user(text))
+
+    def _tokens(self, ids: list[int]) -> None:
+        col = np.zeros((self.k + 1, len(ids)), dtype=np.int64)
+        col[0] = ids
+        self.columns.append(col)
+
+    def vq(self, codes: Codes) -> None:
+        codes = np.asarray(codes, dtype=np.int64)
+        if codes.ndim != 2 or codes.shape[0] != self.k:
+            raise ValueError(f"codes must be shaped [{self.k}, frames], got {list(codes.shape)}")
+        if codes.size and (codes.min() < 0 or codes[0].max() >= self.tok.num_semantic_tokens):
+            raise ValueError("codes are out of the semantic-token range")
+        col = np.zeros((self.k + 1, codes.shape[1]), dtype=np.int64)
+        col[0] = codes[0] + self.tok.semantic_begin_id
+        col[1:] = codes
+        self.columns.append(col)
+
+    def array(self) -> np.ndarray:
+        return np.concatenate(self.columns, axis=1) if self.columns else np.zeros((self.k + 1, 0), np.int64)
+
+
+def _s1_prompt(p: _Parts, text: str, references: Sequence[tuple[str, Codes]],
+               history: Sequence[tuple[str, Codes]]) -> None:
+    p.template("<|interleave|>")
+    for ref_text, codes in [*references, *history]:
+        p.template("<|speaker:0|>")
+        p.user(ref_text)
+        p.vq(codes)
+        p.template(IM_END)
+    p.template("<|speaker:0|>")
+    p.user(text)
+
+
+def _s2_prompt(p: _Parts, text: str, references: Sequence[tuple[str, Codes]],
+               history: Sequence[tuple[str, Codes]]) -> None:
+    p.template("<|im_start|>system\n")
+    if references:
+        p.template("convert the provided text to speech reference to the following:\n\nText:\n")
+        tagged = [t if _SPEAKER_TAG.search(t) else f"<|speaker:{i}|>{t}" for i, (t, _) in enumerate(references)]
+        p.user("\n".join(tagged))
+        p.template("\n\nSpeech:\n")
+        p.vq(np.concatenate([np.asarray(c) for _, c in references], axis=1))
+    else:
+        p.template("convert the provided text to speech")
+    p.template(IM_END + "\n")
+    for chunk_text, codes in history:
+        p.template("<|im_start|>user\n")
+        p.user(chunk_text)
+        p.template(IM_END + "\n")
+        p.template("<|im_start|>assistant\n<|voice|>")
+        p.vq(codes)
+        p.template(IM_END + "\n")
+    p.template("<|im_start|>user\n")
+    p.user(text)
+    p.template(IM_END + "\n")
+    p.template("<|im_start|>assistant\n<|voice|>")
+
+
+def build_prompt(tokenizer: FishTokenizer, family: str, text: str, *,
+                 references: Sequence[tuple[str, Codes]] = (), history: Sequence[tuple[str, Codes]] = (),
+                 num_codebooks: int) -> np.ndarray:
+    """The generation prompt for `text` in the reference voice(s), after earlier chunks `history`."""
+    parts = _Parts(tokenizer, num_codebooks)
+    if family == "s1-mini":
+        _s1_prompt(parts, text, references, history)
+    elif family == "s2-pro":
+        _s2_prompt(parts, text, references, history)
+    else:
+        raise ValueError(f"unknown model family {family!r}")
+    return parts.array()

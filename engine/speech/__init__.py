@@ -1,0 +1,1 @@
+"""The TTS pipeline: text + reference voice -> streamed PCM, one model thread serving every request."""

@@ -1,0 +1,1 @@
+"""Text for speech: normalisation, chunking long text for the model, sentence splitting of streamed text."""
