@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import statistics
 import subprocess
@@ -30,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.agent.asr import Transcriber  # noqa: E402
 from engine.agent.conversation import ConversationSession  # noqa: E402
-from engine.agent.conversation_types import AudioOut, PipelineEvent, TurnDetection  # noqa: E402
+from engine.agent.conversation import AudioOut, ConversationError, TurnDetection  # noqa: E402
+from engine.agent.conversation.events import ResponseDone  # noqa: E402
 from engine.agent.llm import ChatOptions, create_llm  # noqa: E402
 from engine.speech.types import SamplingOptions  # noqa: E402
 from engine.agent.vad import FRAME_SAMPLES, SileroVAD  # noqa: E402
@@ -70,13 +72,13 @@ async def one_turn(session: ConversationSession, pcm: np.ndarray, realtime: bool
     async for item in session.outputs():
         if isinstance(item, AudioOut):
             audio_seconds += len(item.pcm) / item.sample_rate
-        elif isinstance(item, PipelineEvent) and item.type == "error":
-            raise RuntimeError(item.data["error"]["message"])
-        elif isinstance(item, PipelineEvent) and item.type == "response.done":
-            result.update(item.data["latency_ms"])
-            result["reply_chars"] = len(item.data["transcript"])
+        elif isinstance(item, ConversationError):
+            raise RuntimeError(item.message)
+        elif isinstance(item, ResponseDone):
+            result.update({k: v for k, v in dataclasses.asdict(item.latency).items() if v is not None})
+            result["reply_chars"] = len(item.transcript)
             result["audio_s"] = audio_seconds
-            print(f"    reply: {item.data['transcript']!r}")
+            print(f"    reply: {item.transcript!r}")
             return result
     raise RuntimeError("session closed before the reply finished")
 

@@ -50,8 +50,22 @@ def create_app(settings: Settings, services: Services | None = None) -> web.Appl
     api_jobs.add_routes(r, prefix="/v2/{endpoint_id}")
     api_fish.add_routes(r)
     install_cors(app, settings.cors_origins)
-    signaling.install(app, services=app[SERVICES], settings=settings)
+    signaling.install(app, services=app[SERVICES], config=realtime_config(settings))
     return app
+
+
+def realtime_config(settings: Settings) -> signaling.RealtimeConfig:
+    """What realtime sessions read of the server's settings."""
+    default = signaling.CallLimits()
+    limits = signaling.CallLimits(
+        liveness_timeout=settings.rtc_liveness_timeout or default.liveness_timeout,
+        connect_timeout=settings.rtc_connect_timeout or default.connect_timeout,
+        max_call_seconds=settings.rtc_max_call_seconds or default.max_call_seconds)
+    return signaling.RealtimeConfig(
+        api_key=settings.api_key, cors_origins=tuple(settings.cors_origins), ice_servers=tuple(settings.ice_servers),
+        max_sessions=settings.max_sessions, mode=settings.mode, instructions=settings.instructions,
+        llm_max_tokens=settings.llm_max_tokens, sampling=settings.realtime_sampling, limits=limits,
+        model_name=settings.checkpoint)
 
 
 def _services_context(owned: bool):

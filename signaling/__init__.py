@@ -1,7 +1,8 @@
 """WebRTC transport: SDP offer/answer routes, peer sessions, audio tracks, the `oai-events` channel.
 
-`install(app, services=..., settings=...)` adds everything to an aiohttp application.
+`install(app, services=..., config=RealtimeConfig(...))` adds everything to an aiohttp application.
 """
+from signaling.host import CallLimits, RealtimeConfig, RealtimeModels
 from signaling.routes import install
 
-__all__ = ["install"]
+__all__ = ["CallLimits", "RealtimeConfig", "RealtimeModels", "install"]

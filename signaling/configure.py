@@ -9,35 +9,29 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from engine.agent.conversation import DEFAULT_INSTRUCTIONS, ConversationSession
-from engine.agent.conversation_types import TurnDetection
+from engine.agent.conversation import DEFAULT_INSTRUCTIONS, ConversationSession, TurnDetection
 from engine.agent.llm.base import ChatOptions
-from engine.speech.types import SamplingOptions
 from signaling.errors import CallError
+from signaling.host import RealtimeConfig, RealtimeModels
 from signaling.options import OptionsError, SessionOptions, resolve_voice, sampling_options
 
 
-def _default_mode(services: Any, settings: Any) -> str:
-    wanted = getattr(settings, "mode", None) or "agent"
-    if wanted == "agent" and getattr(services, "llm", None) is None:
+def _default_mode(services: RealtimeModels, config: RealtimeConfig) -> str:
+    if config.mode == "agent" and services.llm is None:
         return "tts"  # a TTS-only server
-    return wanted
+    return config.mode
 
 
-def _base_sampling(settings: Any) -> SamplingOptions:
-    base = getattr(settings, "realtime_sampling", None)
-    return base if isinstance(base, SamplingOptions) else SamplingOptions()
-
-
-async def build_conversation(services: Any, settings: Any, options: SessionOptions) -> ConversationSession:
-    """A ConversationSession on the server's loaded models, configured by the call's options."""
-    asr, vad = getattr(services, "asr", None), getattr(services, "vad", None)
+async def build_conversation(services: RealtimeModels, config: RealtimeConfig,
+                             options: SessionOptions) -> ConversationSession:
+    """A ConversationSession on the server's loaded models, configured by the session's options."""
+    asr, vad = services.asr, services.vad
     if asr is None or vad is None:
-        if getattr(services, "loading", False):
+        if services.loading:
             raise CallError(503, "not_ready", "the models are still loading; retry shortly")
         raise CallError(503, "not_ready", "realtime calls need the ASR and VAD models, which are not loaded")
-    tts, llm = getattr(services, "tts", None), getattr(services, "llm", None)
-    mode = options.mode or _default_mode(services, settings)
+    tts, llm = services.tts, services.llm
+    mode = options.mode or _default_mode(services, config)
     if mode == "agent" and llm is None:
         raise CallError(400, "no_agent", "agent mode needs an agent LLM and none is configured; use mode=tts",
                         param="mode")
@@ -46,20 +40,16 @@ async def build_conversation(services: Any, settings: Any, options: SessionOptio
     try:
         voice = await resolve_voice(services, options.voice_id) if options.voice_id else ()
         turn = TurnDetection() if options.turn_detection == "keep" else options.turn_detection
+        base_chat = ChatOptions(max_tokens=config.llm_max_tokens) if config.llm_max_tokens else ChatOptions()
         return ConversationSession(
             tts=tts, asr=asr, llm=llm, vad_model=vad, mode=mode, voice=voice,  # type: ignore[arg-type]
-            instructions=options.instructions or getattr(settings, "instructions", None) or DEFAULT_INSTRUCTIONS,
-            turn_detection=turn, sampling=sampling_options(_base_sampling(settings), options.sampling),
-            chat=_chat_options(_base_chat(settings), options))
+            instructions=options.instructions or config.instructions or DEFAULT_INSTRUCTIONS,
+            turn_detection=turn, sampling=sampling_options(config.sampling, options.sampling),
+            chat=_chat_options(base_chat, options))
     except OptionsError as exc:
         raise CallError(400, "invalid_value", str(exc), param=exc.param) from None
     except ValueError as exc:
         raise CallError(400, "invalid_value", str(exc)) from None
-
-
-def _base_chat(settings: Any) -> ChatOptions:
-    max_tokens = getattr(settings, "llm_max_tokens", None)
-    return ChatOptions(max_tokens=int(max_tokens)) if max_tokens else ChatOptions()
 
 
 def _chat_options(base: ChatOptions, options: SessionOptions) -> ChatOptions:
@@ -71,7 +61,7 @@ def _chat_options(base: ChatOptions, options: SessionOptions) -> ChatOptions:
     return dataclasses.replace(base, **changes) if changes else base
 
 
-async def apply_options(conv: ConversationSession, options: SessionOptions, services: Any) -> None:
+async def apply_options(conv: ConversationSession, options: SessionOptions, services: RealtimeModels) -> None:
     """A session.update on a live conversation (validated before anything changes)."""
     voice = await resolve_voice(services, options.voice_id) if options.voice_id else None
     sampling = sampling_options(conv.sampling, options.sampling) if options.sampling else None

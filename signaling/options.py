@@ -16,10 +16,13 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from engine.agent.conversation_types import TurnDetection
+from engine.agent.conversation import TurnDetection
 from engine.speech.types import Reference, SamplingOptions
+
+if TYPE_CHECKING:
+    from signaling.host import RealtimeModels
 
 KEEP = "keep"
 _SAMPLING_FIELDS = {"temperature": float, "top_p": float, "top_k": int, "repetition_penalty": float,
@@ -187,34 +190,28 @@ def sampling_options(base: SamplingOptions, overrides: Mapping[str, Any]) -> Sam
     return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
-async def resolve_voice(services: Any, voice_id: str) -> tuple[Reference, ...]:
+async def resolve_voice(services: "RealtimeModels", voice_id: str) -> tuple[Reference, ...]:
     """A reference voice id -> the references to speak with, via the server's reference store.
-
-    The store is `services.references`; it may offer `get_references(id)` or `get(id)` (plain or
-    async) returning a Reference, a sequence of them, or None for an unknown id.
-    """
-    store = getattr(services, "references", None)
+    OpenAI's preset voice names mean the default voice unless a saved voice has that name."""
+    store = services.references
     if store is None:
         if voice_id.lower() in OPENAI_VOICES:
             return ()
         raise OptionsError("voice", "this server keeps no reference voices")
-    getter = getattr(store, "get_references", None) or getattr(store, "get", None)
-    if getter is None:
-        raise OptionsError("voice", "the reference store cannot look voices up")
     try:
-        found = getter(voice_id)
+        found = store.get_references(voice_id)
         if inspect.isawaitable(found):
             found = await found
     except KeyError:
         found = None
     except ValueError as exc:
         raise OptionsError("voice", str(exc)) from None
-    if found is None:
+    if not found:
         if voice_id.lower() in OPENAI_VOICES:
             return ()
         raise OptionsError("voice", f"unknown reference voice {voice_id!r}")
     refs = (found,) if isinstance(found, Reference) else tuple(found)
-    if not refs or not all(isinstance(r, Reference) for r in refs):
+    if not all(isinstance(r, Reference) for r in refs):
         raise OptionsError("voice", f"reference voice {voice_id!r} has no usable audio")
     return refs
 

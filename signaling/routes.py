@@ -23,37 +23,34 @@ from typing import Any
 
 from aiohttp import web
 
-from engine.agent.conversation_types import TurnDetection
-from signaling import events as ev
-from signaling.options import OptionsError, SessionOptions, from_query, from_session
+from engine.agent.conversation import TurnDetection
+from signaling.datachannel import CHANNEL_LABEL, clamp_sctp_chunks
 from signaling.errors import CallError
+from signaling.host import RealtimeConfig, RealtimeModels
 from signaling.ice import ice_servers_for_browser
-from signaling.session import CallLimits, CallRegistry, PeerCall
+from signaling.options import OptionsError, SessionOptions, from_query, from_session
+from signaling.registry import CallRegistry
+from signaling.session import PeerCall
 
 log = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 CALLS_PATH = "/v1/realtime/calls"
 CORS_PREFIX = "/v1/realtime"
-DEFAULT_MAX_SESSIONS = 8
 CALLS = web.AppKey("realtime_calls", CallRegistry)
-CONTEXT = web.AppKey("realtime_context", dict)
+MODELS = web.AppKey("realtime_models", object)
+CONFIG = web.AppKey("realtime_config", RealtimeConfig)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def install(app: web.Application, *, services: Any, settings: Any) -> None:
-    """Add the realtime routes, the CORS and auth handling for them, and the web page to `app`.
-
-    `services` holds the loaded models (tts, asr, vad, llm; any may be None), `settings` the
-    configuration (api_key, cors_origins, ice_servers, max_sessions, mode, and optional
-    rtc_liveness_timeout / rtc_connect_timeout / rtc_max_call_seconds in seconds).
-    """
-    ev.clamp_sctp_chunks()
-    max_sessions = int(getattr(settings, "max_sessions", None) or DEFAULT_MAX_SESSIONS)
-    app[CALLS] = CallRegistry(max_sessions)
-    app[CONTEXT] = {"services": services, "settings": settings, "limits": _limits(settings)}
-    app.middlewares.append(_cors_middleware(_origins(getattr(settings, "cors_origins", None))))
+def install(app: web.Application, *, services: RealtimeModels, config: RealtimeConfig) -> None:
+    """Add the realtime routes, the CORS and auth handling for them, and the web page to `app`."""
+    clamp_sctp_chunks()
+    app[CALLS] = CallRegistry(config.max_sessions)
+    app[MODELS] = services
+    app[CONFIG] = config
+    app.middlewares.append(_cors_middleware(config.cors_origins))
 
     async def close_calls(app: web.Application) -> None:
         await app[CALLS].close_all()
@@ -71,15 +68,6 @@ def install(app: web.Application, *, services: Any, settings: Any) -> None:
         r.add_static("/web/", WEB_DIR, append_version=False)
 
 
-def _limits(settings: Any) -> CallLimits:
-    base = CallLimits()
-    return CallLimits(
-        liveness_timeout=float(getattr(settings, "rtc_liveness_timeout", None) or base.liveness_timeout),
-        connect_timeout=float(getattr(settings, "rtc_connect_timeout", None) or base.connect_timeout),
-        max_call_seconds=getattr(settings, "rtc_max_call_seconds", None) or base.max_call_seconds,
-    )
-
-
 # --------------------------------------------------------------------------- errors and auth
 def error_response(status: int, code: str, message: str, *, type_: str | None = None,
                    param: str | None = None) -> web.Response:
@@ -90,7 +78,7 @@ def error_response(status: int, code: str, message: str, *, type_: str | None = 
 
 
 def _unauthorized(request: web.Request) -> web.Response | None:
-    key = getattr(request.app[CONTEXT]["settings"], "api_key", None)
+    key = request.app[CONFIG].api_key
     if not key:
         return None
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
@@ -100,14 +88,6 @@ def _unauthorized(request: web.Request) -> web.Response | None:
 
 
 # --------------------------------------------------------------------------- CORS
-def _origins(value: Any) -> tuple[str, ...]:
-    if not value:
-        return ()
-    if isinstance(value, str):
-        value = value.split(",")
-    return tuple(o.strip().rstrip("/") for o in value if o and o.strip())
-
-
 def _cors_middleware(origins: tuple[str, ...]):
     """CORS for /v1/realtime only (other routes belong to the server, which has its own policy)."""
 
@@ -174,13 +154,12 @@ async def _read_offer(request: web.Request) -> tuple[str, SessionOptions]:
 async def create_call(request: web.Request) -> web.Response:
     if (denied := _unauthorized(request)) is not None:
         return denied
-    ctx = request.app[CONTEXT]
     registry = request.app[CALLS]
     try:
         sdp, options = await _read_offer(request)
         async with registry.reserve():
-            call = await PeerCall.start(sdp, services=ctx["services"], settings=ctx["settings"],
-                                        registry=registry, options=options, limits=ctx["limits"])
+            call = await PeerCall.start(sdp, services=request.app[MODELS], config=request.app[CONFIG],
+                                        registry=registry, options=options)
     except OptionsError as exc:
         return error_response(400, "invalid_value", str(exc), param=exc.param)
     except CallError as exc:
@@ -220,17 +199,15 @@ async def get_call(request: web.Request) -> web.Response:
 async def get_config(request: web.Request) -> web.Response:
     if (denied := _unauthorized(request)) is not None:
         return denied
-    ctx = request.app[CONTEXT]
-    services, settings = ctx["services"], ctx["settings"]
-    modes = [m for m, ok in (("agent", getattr(services, "llm", None) is not None),
-                             ("tts", getattr(services, "tts", None) is not None)) if ok]
+    services, config = request.app[MODELS], request.app[CONFIG]
+    modes = [m for m, ok in (("agent", services.llm is not None), ("tts", services.tts is not None)) if ok]
     registry = request.app[CALLS]
-    default = getattr(settings, "mode", None) or "agent"
+    default = config.mode
     return web.json_response({
-        "ice_servers": ice_servers_for_browser(getattr(settings, "ice_servers", None)),
+        "ice_servers": ice_servers_for_browser(list(config.ice_servers)),
         "modes": modes,
         "default_mode": default if default in modes else (modes[0] if modes else None),
-        "data_channel": ev.CHANNEL_LABEL,
+        "data_channel": CHANNEL_LABEL,
         "calls": {"active": len(registry.calls), "max": registry.max_calls},
     })
 

@@ -21,7 +21,7 @@ import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from engine.agent.conversation_types import INPUT_SAMPLE_RATE
+from engine.agent.conversation import INPUT_SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 

@@ -170,12 +170,11 @@ class AudioSink:
 class LocalServer:
     """An aiohttp app with the realtime routes on 127.0.0.1 (an ephemeral port), in this loop."""
 
-    def __init__(self, services: Any, **settings: Any) -> None:
-        from types import SimpleNamespace
+    def __init__(self, services: Any, *, rtc_liveness_timeout: float = 2.0, **config: Any) -> None:
+        from signaling import CallLimits, RealtimeConfig
 
-        defaults = {"api_key": None, "cors_origins": None, "ice_servers": [], "max_sessions": 4,
-                    "rtc_liveness_timeout": 2.0}
-        self.settings = SimpleNamespace(**{**defaults, **settings})
+        config.setdefault("max_sessions", 4)
+        self.config = RealtimeConfig(limits=CallLimits(liveness_timeout=rtc_liveness_timeout), **config)
         self.services = services
         self.runner: Any = None
         self.base_url = ""
@@ -186,7 +185,7 @@ class LocalServer:
         import signaling
 
         app = web.Application()
-        signaling.install(app, services=self.services, settings=self.settings)
+        signaling.install(app, services=self.services, config=self.config)
         self.runner = web.AppRunner(app)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)

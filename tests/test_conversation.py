@@ -3,6 +3,7 @@ and the TTS engine on a tiny random checkpoint. Also the job-API helper `agent_r
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.util
 import time
 
@@ -11,8 +12,10 @@ import pytest
 
 import speechkit
 from engine.agent.job_turn import AgentInputError, AgentReply, agent_reply, stream_agent_reply
-from engine.agent.conversation import ConversationSession, _Response, _Sentence
-from engine.agent.conversation_types import AudioClear, AudioOut, PipelineEvent, TurnDetection
+from engine.agent.conversation import AudioClear, AudioOut, ConversationEvent, ConversationSession, TurnDetection
+from engine.agent.conversation.playout import Response as _Response
+from engine.agent.conversation.playout import SentencePlayout as _Sentence
+from signaling.protocol import wire_payload
 from engine.agent.llm import ChatOptions
 from engine.agent.llm.openai_compat import OpenAICompatLLM
 from engine.agent.reply_stream import ReplyError, SentenceAudio, TextDelta
@@ -89,12 +92,29 @@ async def push_speech(session: ConversationSession, pcm: np.ndarray, piece: int 
         await session.push_audio(chunk)
 
 
+@dataclasses.dataclass(frozen=True)
+class WireEvent:
+    """A conversation event as the realtime protocol names it (the tests read the wire vocabulary)."""
+
+    type: str
+    data: dict
+    response_id: str | None
+
+
+def as_wire(item):
+    if not isinstance(item, ConversationEvent):
+        return item
+    type_, data = wire_payload(item)
+    return WireEvent(type_, data, getattr(item, "response_id", None))
+
+
 async def collect_until(session, predicate, timeout: float = 20.0) -> list:
     """Outputs up to and including the first one that satisfies `predicate`."""
     got = []
 
     async def run():
         async for item in session.outputs():
+            item = as_wire(item)
             got.append(item)
             if predicate(item):
                 return
@@ -102,20 +122,20 @@ async def collect_until(session, predicate, timeout: float = 20.0) -> list:
     try:
         await asyncio.wait_for(run(), timeout)
     except TimeoutError:
-        seen = [(i.type, i.data) if isinstance(i, PipelineEvent) else type(i).__name__ for i in got]
+        seen = [(i.type, i.data) if isinstance(i, WireEvent) else type(i).__name__ for i in got]
         pytest.fail(f"no matching output within {timeout} s; got {seen}")
     return got
 
 
 def is_event(kind: str, **data):
     def check(item) -> bool:
-        return isinstance(item, PipelineEvent) and item.type == kind and all(item.data.get(k) == v
+        return isinstance(item, WireEvent) and item.type == kind and all(item.data.get(k) == v
                                                                                 for k, v in data.items())
     return check
 
 
-def events(items, kind: str | None = None) -> list[PipelineEvent]:
-    return [i for i in items if isinstance(i, PipelineEvent) and (kind is None or i.type == kind)]
+def events(items, kind: str | None = None) -> list[WireEvent]:
+    return [i for i in items if isinstance(i, WireEvent) and (kind is None or i.type == kind)]
 
 
 def done_status(item) -> str:
@@ -440,7 +460,7 @@ async def test_barge_in_after_generation_truncates_to_the_reported_playout(asr, 
         assert total == pytest.approx(done.data["audio_seconds"], abs=1e-3)
         # Heard audio is capped by real-time playout since emission: let that reach half-way first
         # (the tiny TTS can finish well before), so that the report decides what was heard.
-        response = session._responses[done.response_id]
+        response = session._responses.get(done.response_id)
         while response.played(time.monotonic()) < total / 2:
             await asyncio.sleep(0.01)
         t_report = time.monotonic()
@@ -500,7 +520,7 @@ async def test_tts_mode_speaks_text_verbatim_without_history(asr, vad, llm, tts_
 
 # ---------------------------------------------------------------- truncation arithmetic
 def test_heard_text_follows_the_played_seconds():
-    resp = _Response(id="r", kind="agent", item_id="i", t_created=0.0, turn={})
+    resp = _Response(id="r", kind="agent", item_id="i", t_created=0.0)
     resp.sentences = [_Sentence("One two three four.", 2.0, True), _Sentence("Five six seven eight.", 2.0, True)]
     assert resp.spoken_text(0.0) == ""
     assert resp.spoken_text(1.0) == "One two"
@@ -510,7 +530,7 @@ def test_heard_text_follows_the_played_seconds():
 
 
 def test_played_seconds_use_reports_and_real_time_playout():
-    resp = _Response(id="r", kind="agent", item_id="i", t_created=0.0, turn={})
+    resp = _Response(id="r", kind="agent", item_id="i", t_created=0.0)
     resp.playout = [(10.0, 1.0), (10.5, 1.0), (13.0, 1.0)]  # a gap: the third chunk came late
     assert resp.played(9.0) == 0.0
     assert resp.played(11.0) == pytest.approx(1.5)

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from engine.agent.conversation_types import TurnDetection
+from engine.agent.conversation import TurnDetection
 from engine.agent.vad import FRAME_SAMPLES, SileroVAD, SpeechStarted, SpeechStopped, TurnDetector
 import speechkit
 

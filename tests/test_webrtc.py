@@ -40,7 +40,7 @@ def models(tts_engine, tmp_path_factory):
     llm = EmbeddedLLM.load()
     references = ReferenceStore(tmp_path_factory.mktemp("references"))
     yield types.SimpleNamespace(asr=Transcriber.load(), vad=SileroVAD.load(), llm=llm, tts=tts_engine,
-                                references=references)
+                                references=references, loading=False)
     llm.close()
 
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from engine.agent.conversation_types import TurnDetection
-from signaling import events as ev
+from engine.agent.conversation import TurnDetection
+from signaling import protocol as ev
 from signaling.options import OptionsError, from_query, from_session
 
 
@@ -82,6 +82,8 @@ def test_long_transcript_deltas_are_split_in_order():
 
 def test_sctp_chunks_are_only_ever_lowered(monkeypatch):
     from aiortc import rtcsctptransport
+
+    from signaling import datachannel as ev
 
     monkeypatch.setattr(rtcsctptransport, "USERDATA_MAX_LENGTH", 1200)  # what older aiortc used
     assert ev.clamp_sctp_chunks() == ev.SAFE_SCTP_USERDATA == rtcsctptransport.USERDATA_MAX_LENGTH

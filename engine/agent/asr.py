@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.agent.conversation_types import INPUT_SAMPLE_RATE
+from engine.agent.vad import INPUT_SAMPLE_RATE
 from engine.agent.vad import as_pcm16k
 
 MIN_SECONDS = 0.1  # shorter clips hold no words; Whisper would hallucinate on them

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from engine.agent.conversation import DEFAULT_INSTRUCTIONS
-from engine.agent.conversation_types import INPUT_SAMPLE_RATE
+from engine.agent.vad import INPUT_SAMPLE_RATE
 from engine.agent.llm.base import ChatLLM, ChatOptions, Message, build_messages, validate_messages
 from engine.agent.reply_stream import ReplyDone, SentenceAudio, SentenceSpoken, TextDelta, spoken_reply
 from engine.speech.types import AudioChunk, SpeechSynthesizer, TTSRequest

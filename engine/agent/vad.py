@@ -14,7 +14,19 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from engine.agent.conversation_types import INPUT_SAMPLE_RATE, TurnDetection
+INPUT_SAMPLE_RATE = 16_000  # what every input stream is resampled to
+
+
+@dataclasses.dataclass(frozen=True)
+class TurnDetection:
+    """OpenAI `server_vad` parameters and defaults."""
+
+    threshold: float = 0.5
+    prefix_padding_ms: int = 300
+    silence_duration_ms: int = 500
+    create_response: bool = True
+    interrupt_response: bool = True
+
 
 FRAME_SAMPLES = 512  # what the 16 kHz model expects per call (32 ms)
 CONTEXT_SAMPLES = 64  # tail of the previous frame the model sees in front of each frame

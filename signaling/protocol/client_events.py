@@ -1,14 +1,10 @@
-"""The `oai-events` data-channel protocol: JSON events named after the OpenAI Realtime API.
+"""Client events of the OpenAI Realtime protocol: one pydantic model each, and the parser.
 
-Client events are parsed into one pydantic model each (bad input becomes an `error` event, never
-an exception in the session). Server events are plain dicts built by `server_event`, every one
-stamped with `event_id` and `t_ms` (milliseconds since the call began, server clock) so a page
-can line up timings. Messages stay small: long text is split over several `delta` events, and
-aiortc's SCTP chunks are clamped to fit 1280-byte paths (see `clamp_sctp_chunks`).
+Bad input becomes a `ProtocolError` (which the transport sends back as an `error` event), never an
+exception in the session.
 """
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 from typing import Annotated, Any, Literal, Union
@@ -17,29 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 log = logging.getLogger(__name__)
 
-CHANNEL_LABEL = "oai-events"
-# One SCTP DATA chunk must fit a 1280-byte IPv6/VPN MTU after IP(40) + UDP(8) + DTLS(~37) headers.
-SAFE_SCTP_USERDATA = 1100
 MAX_CLIENT_MESSAGE_BYTES = 64 * 1024  # a typed message or TTS text, never audio
 MAX_TEXT_CHARS = 4000
-DELTA_CHARS = 400  # a transcript delta longer than this is sent as several deltas
 
-
-def clamp_sctp_chunks(limit: int = SAFE_SCTP_USERDATA) -> int:
-    """Keep aiortc's SCTP DATA chunks within `limit` bytes of user data.
-
-    Older aiortc releases sized chunks for a 1500-byte MTU, and without path-MTU discovery a
-    data channel then stalls silently over VPNs and IPv6 tunnels. aiortc >= 1.14 already uses a
-    safe size; this only ever lowers the module constant, never raises it. Returns the size in use.
-    """
-    from aiortc import rtcsctptransport
-
-    if rtcsctptransport.USERDATA_MAX_LENGTH > limit:
-        rtcsctptransport.USERDATA_MAX_LENGTH = limit
-    return rtcsctptransport.USERDATA_MAX_LENGTH
-
-
-# --------------------------------------------------------------------------- client events
 class _Event(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -182,46 +158,3 @@ def parse_client_event(message: str | bytes) -> ClientEvent:
         param = ".".join(str(p) for p in first["loc"][1:]) or None  # drop the discriminator tag
         raise ProtocolError("invalid_value", f"{raw['type']}: {param or 'event'}: {first['msg']}",
                             event_id=event_id, param=param) from None
-
-
-# --------------------------------------------------------------------------- server events
-class ServerEvents:
-    """Builds server events for one call: ids and `t_ms` on a shared clock."""
-
-    def __init__(self, t0: float) -> None:
-        self._t0 = t0
-        self._ids = itertools.count(1)
-
-    def build(self, type_: str, data: dict[str, Any] | None = None, *, response_id: str | None = None,
-              t: float) -> dict[str, Any]:
-        event: dict[str, Any] = {"type": type_, "event_id": f"event_{next(self._ids)}"}
-        event.update(data or {})
-        if response_id is not None:
-            event.setdefault("response_id", response_id)
-        event["t_ms"] = round((t - self._t0) * 1000.0, 1)
-        return event
-
-    def error(self, code: str, message: str, *, t: float, type_: str = "invalid_request_error",
-              event_id: str | None = None, param: str | None = None) -> dict[str, Any]:
-        return self.build("error", {"error": {"type": type_, "code": code, "message": message, "param": param,
-                                              "event_id": event_id}}, t=t)
-
-
-def split_event(event: dict[str, Any], chars: int = DELTA_CHARS) -> list[dict[str, Any]]:
-    """A transcript delta with long text becomes several deltas (same order, same fields)."""
-    delta = event.get("delta")
-    if not isinstance(delta, str) or len(delta) <= chars:
-        return [event]
-    parts = [delta[i:i + chars] for i in range(0, len(delta), chars)]
-    return [{**event, "delta": part, "event_id": f"{event['event_id']}_{n}" if n else event["event_id"]}
-            for n, part in enumerate(parts)]
-
-
-def encode(event: dict[str, Any]) -> str:
-    return json.dumps(event, separators=(",", ":"), ensure_ascii=False, default=_jsonable)
-
-
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "item"):  # numpy scalars
-        return value.item()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

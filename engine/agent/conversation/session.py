@@ -1,0 +1,249 @@
+"""`ConversationSession`: one conversation's configuration, history, turns and responses.
+
+Speech in -> VAD turn -> ASR transcript -> LLM reply streamed -> sentences -> TTS per sentence
+-> audio out, each stage starting as soon as its input exists. A transport feeds `push_audio` /
+`send_text` / `speak` and forwards what `outputs()` yields (see `events`).
+
+Barge-in: when the user starts speaking while a response is generating or its audio is still
+playing, generation stops, queued audio is cleared, and the history keeps only what was heard.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from engine.agent.conversation.events import Output, TurnDetection, UserTranscript
+from engine.agent.conversation.history import History
+from engine.agent.conversation.outputs import OutputQueue
+from engine.agent.conversation.responses import Responder, tts_request
+from engine.agent.conversation.turns import TurnInput
+from engine.agent.llm.base import ChatOptions, build_messages
+from engine.agent.reply_stream import one_shot
+from engine.speech.types import Reference, SamplingOptions, SpeechSynthesizer, TTSRequest
+
+if TYPE_CHECKING:
+    from engine.agent.asr import Transcriber
+    from engine.agent.llm.base import ChatLLM
+    from engine.agent.vad import SileroVAD
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INSTRUCTIONS = (
+    "You are a friendly voice assistant. Answer in one or two short spoken sentences, "
+    "without lists, markdown or emoji."
+)
+Mode = Literal["agent", "tts"]
+
+
+class ConversationSession:
+    """All methods are called from one asyncio loop. Model work (ASR, LLM, TTS) runs off the loop
+    inside the model wrappers; VAD (~0.1 ms per 32 ms frame) runs inline in `push_audio`."""
+
+    def __init__(
+        self,
+        *,
+        tts: SpeechSynthesizer | None,
+        asr: "Transcriber",
+        llm: "ChatLLM | None",
+        vad_model: "SileroVAD",
+        mode: Mode = "agent",
+        voice: tuple[Reference, ...] = (),
+        instructions: str = DEFAULT_INSTRUCTIONS,
+        turn_detection: TurnDetection | None = TurnDetection(),
+        sampling: SamplingOptions = SamplingOptions(),
+        history: list[dict] | None = None,
+        chat: ChatOptions = ChatOptions(),
+        speech: TTSRequest = TTSRequest(text=""),
+    ) -> None:
+        """`chat` sets the LLM's reply length/temperature; `speech` is the TTS request template
+        (chunk_length, normalize, ...): its text, voice and sampling are filled in per sentence."""
+        self._tts = tts
+        self._llm = llm
+        self._history = History(history)
+        self.mode: Mode = "agent"
+        self.voice: tuple[Reference, ...] = ()
+        self.instructions = instructions
+        self.sampling = sampling
+        self.chat = chat
+        self.speech = speech
+        self._outputs = OutputQueue()
+        self._tts_text: list[str] = []  # TTS mode: typed text waiting for create_response
+        self._tasks: set[asyncio.Task] = set()
+        self._ids = itertools.count(1)
+        self._responses = Responder(tts=tts, outputs=self._outputs, history=self._history, spawn=self._spawn,
+                                    new_id=self._new_id)
+        self._turns = TurnInput(asr=asr, vad_model=vad_model, outputs=self._outputs, spawn=self._spawn,
+                                new_id=self._new_id, on_speech_started=self._on_speech_started,
+                                on_transcript=self._on_transcript)
+        self.update(mode=mode, voice=voice, turn_detection=turn_detection)
+
+    # ------------------------------------------------------------------ configuration
+    def update(self, *, mode: Mode | None = None, voice: tuple[Reference, ...] | None = None,
+               instructions: str | None = None, turn_detection: TurnDetection | None | Literal["keep"] = "keep",
+               sampling: SamplingOptions | None = None, chat: ChatOptions | None = None) -> None:
+        """Change session settings (session.update). `turn_detection=None` switches to manual turns
+        (push_audio buffers; commit_audio ends a turn); leave it out to keep the current setting."""
+        if mode is not None:
+            if mode not in ("agent", "tts"):
+                raise ValueError(f"mode must be 'agent' or 'tts', got {mode!r}")
+            if mode == "agent" and self._llm is None:
+                raise ValueError("agent mode needs an agent LLM (none is configured)")
+            self.mode = mode
+        if voice is not None:
+            if not all(isinstance(r, Reference) for r in voice):
+                raise ValueError("voice must be a tuple of Reference")
+            self.voice = tuple(voice)
+        if instructions is not None:
+            self.instructions = instructions
+        if sampling is not None:
+            self.sampling = sampling
+        if chat is not None:
+            self.chat = chat
+        if turn_detection != "keep":
+            self._turns.configure(turn_detection)  # type: ignore[arg-type]
+
+    @property
+    def turn_detection(self) -> TurnDetection | None:
+        return self._turns.turn_detection
+
+    @property
+    def history(self) -> list[dict]:
+        return self._history.messages
+
+    # ------------------------------------------------------------------ input
+    async def push_audio(self, pcm16k: np.ndarray) -> None:
+        """Float32 mono 16 kHz, any length. Runs VAD; may emit turns and barge-in."""
+        self._check_open()
+        await self._turns.push(pcm16k)
+
+    async def commit_audio(self) -> None:
+        """Manual turns: treat the buffered audio (or a turn in progress) as one user turn."""
+        self._check_open()
+        await self._turns.commit()
+
+    def clear_audio(self) -> None:
+        """Drop buffered input audio and any turn in progress (input_audio_buffer.clear)."""
+        self._turns.clear()
+
+    async def send_text(self, text: str, *, respond: bool = True) -> None:
+        """A typed user message (conversation.item.create + optional response.create).
+        In TTS mode the text is spoken as given instead."""
+        self._check_open()
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("text must be a non-empty string")
+        if self.mode == "tts":
+            self._tts_text.append(text.strip())  # spoken at the next create_response
+            if respond:
+                await self.create_response()
+            return
+        self._history.add_user(text.strip())
+        if respond:
+            await self.create_response()
+
+    async def create_response(self) -> None:
+        """Respond to the history as it stands; in TTS mode, speak the text sent since the last response."""
+        self._check_open()
+        if self.mode == "tts":
+            if not self._tts_text:
+                raise ValueError("in TTS mode, response.create speaks the text of conversation.item.create "
+                                 "events; send one first (or use tts.request)")
+            text, self._tts_text = " ".join(self._tts_text), []
+            await self.speak(text)
+            return
+        if self._llm is None:
+            self._outputs.error("invalid_request_error", "no_agent", "response.create needs agent mode with an LLM")
+            return
+        self._start_agent_response()
+
+    async def speak(self, text: str, *, sampling: SamplingOptions | None = None,
+                    voice: tuple[Reference, ...] | None = None) -> str:
+        """Say exactly `text` in the session voice (a TTS request); returns the response id.
+        The speech queues behind a response in progress; it does not enter the history."""
+        self._check_open()
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("text must be a non-empty string")
+        if self._tts is None:
+            raise ValueError("no TTS engine is configured")
+        exact = text.strip()
+        return self._responses.start("tts", lambda: one_shot(exact), self._speech_request(sampling, voice))
+
+    async def cancel_response(self, reason: str = "client_cancelled") -> None:
+        """Stop LLM and TTS now; clear queued audio; keep only the heard text in the history."""
+        await self._responses.cancel(reason)
+
+    def mark_played(self, response_id: str, seconds: float) -> None:
+        """The transport reports how many seconds of a response's audio were actually played.
+        Report as audio goes out (say per 20 ms frame); the latest report wins."""
+        self._responses.mark_played(response_id, seconds)
+
+    # ------------------------------------------------------------------ output
+    def outputs(self) -> AsyncIterator[Output]:
+        """Events and audio, in order; ends after close(). One consumer at a time: leaving an
+        `async for` early loses nothing, and a later outputs() call continues where it stopped."""
+        return self._outputs.stream()
+
+    async def close(self) -> None:
+        """Stop every task of this session and end outputs(). Shared models stay loaded."""
+        if self._outputs.closed:
+            return
+        self._outputs.closed = True
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._outputs.close()
+
+    # ------------------------------------------------------------------ turns -> responses
+    async def _on_speech_started(self, item_id: str) -> None:
+        detection = self.turn_detection
+        if detection is not None and detection.interrupt_response and self._responses.active():
+            await self._responses.cancel("turn_detected")
+
+    def _on_transcript(self, event: UserTranscript, t_speech_stopped: float, respond: bool) -> None:
+        if not event.transcript.strip() or self.mode != "agent":
+            return  # a cough or noise, or TTS mode: nothing to answer
+        self._history.add_user(event.transcript)
+        # If the user has already started another turn, answering now would talk over them:
+        # that turn's response will answer both.
+        detection = self.turn_detection
+        talking_again = self._turns.user_speaking and detection is not None and detection.interrupt_response
+        if respond and self._llm is not None and not talking_again:
+            self._start_agent_response(t_speech_stopped=t_speech_stopped, t_transcript=event.t)
+
+    def _start_agent_response(self, **times: float) -> str:
+        def reply() -> AsyncIterator[str]:
+            # Built when the response's turn comes, so it sees every earlier reply as heard.
+            messages = build_messages(self.instructions, self._history.window(), self.chat.history_window)
+            return self._llm.stream_chat(messages, max_tokens=self.chat.max_tokens,  # type: ignore[union-attr]
+                                         temperature=self.chat.temperature)
+
+        return self._responses.start("agent", reply, self._speech_request(None, None), **times)
+
+    def _speech_request(self, sampling: SamplingOptions | None, voice: tuple[Reference, ...] | None) -> TTSRequest:
+        return tts_request(self.speech, references=self.voice if voice is None else tuple(voice),
+                           sampling=sampling or self.sampling)
+
+    # ------------------------------------------------------------------ plumbing
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("conversation task failed", exc_info=task.exception())
+            self._outputs.error("server_error", "internal_error", f"internal error: {task.exception()}")
+
+    def _new_id(self, prefix: str) -> str:
+        return f"{prefix}_{next(self._ids)}"
+
+    def _check_open(self) -> None:
+        if self._outputs.closed:
+            raise RuntimeError("the conversation session is closed")

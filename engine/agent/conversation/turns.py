@@ -1,0 +1,123 @@
+"""User turns: audio in -> VAD (or manual commits) -> a turn's audio -> its transcript, in spoken order."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from engine.agent.conversation.events import (INPUT_SAMPLE_RATE, TurnDetection, UserAudioCommitted,
+                                              UserSpeechStarted, UserSpeechStopped, UserTranscript)
+from engine.agent.conversation.outputs import OutputQueue
+from engine.agent.conversation.playout import ms
+from engine.agent.vad import MAX_TURN_SECONDS, SpeechStarted, SpeechStopped, TurnDetector, as_pcm16k
+
+if TYPE_CHECKING:
+    from engine.agent.asr import Transcriber
+    from engine.agent.vad import SileroVAD
+
+log = logging.getLogger(__name__)
+
+
+class TurnInput:
+    """Detects and transcribes the user's turns; the session decides what a turn leads to.
+
+    `on_speech_started(item_id)` runs at the start of speech (barge-in is decided there) and
+    `on_transcript(event, t_speech_stopped, respond)` once a turn is transcribed.
+    """
+
+    def __init__(self, *, asr: "Transcriber", vad_model: "SileroVAD", outputs: OutputQueue,
+                 spawn: Callable, new_id: Callable[[str], str],
+                 on_speech_started: Callable[[str], Awaitable[None]],
+                 on_transcript: Callable[[UserTranscript, float, bool], None]) -> None:
+        self._asr = asr
+        self._vad_model = vad_model
+        self._outputs = outputs
+        self._spawn = spawn
+        self._new_id = new_id
+        self._on_speech_started = on_speech_started
+        self._on_transcript = on_transcript
+        self.turn_detection: TurnDetection | None = None
+        self._detector: TurnDetector | None = None
+        self._manual_buffer: list[np.ndarray] = []
+        self._asr_lock = asyncio.Lock()  # turns are transcribed, and answered, in spoken order
+        self._turn_item: str | None = None
+
+    def configure(self, turn_detection: TurnDetection | None) -> None:
+        """None switches to manual turns (audio is buffered; commit ends a turn)."""
+        self.turn_detection = turn_detection
+        if turn_detection is None:
+            self._detector = None
+        elif self._detector is None:
+            self._detector = TurnDetector(self._vad_model, turn_detection)
+        else:
+            self._detector.configure(turn_detection)
+
+    @property
+    def user_speaking(self) -> bool:
+        return self._detector is not None and self._detector.in_speech
+
+    async def push(self, pcm16k: np.ndarray) -> None:
+        pcm = as_pcm16k(pcm16k)
+        if self._detector is None:
+            self._manual_buffer.append(pcm)
+            held = sum(len(p) for p in self._manual_buffer)
+            while held > MAX_TURN_SECONDS * INPUT_SAMPLE_RATE and len(self._manual_buffer) > 1:
+                held -= len(self._manual_buffer.pop(0))  # bounded, like a server's input buffer
+            return
+        for event in self._detector.push(pcm):
+            if isinstance(event, SpeechStarted):
+                await self._speech_started(event)
+            else:
+                self._speech_stopped(event)
+
+    async def commit(self) -> None:
+        if self._detector is not None:
+            event = self._detector.flush()
+            if event is not None:
+                self._speech_stopped(event)
+            return
+        pcm = np.concatenate(self._manual_buffer) if self._manual_buffer else np.zeros(0, np.float32)
+        self._manual_buffer = []
+        if len(pcm) == 0:
+            self._outputs.error("invalid_request_error", "input_audio_buffer_commit_empty", "no audio to commit")
+            return
+        item_id = self._new_id("item")
+        self._outputs.emit(UserAudioCommitted(item_id=item_id))
+        self._spawn(self._transcribe(pcm, item_id, time.monotonic(), respond=False))
+
+    def clear(self) -> None:
+        self._manual_buffer = []
+        if self._detector is not None:
+            self._detector.reset()
+
+    async def _speech_started(self, event: SpeechStarted) -> None:
+        self._turn_item = self._new_id("item")
+        self._outputs.emit(UserSpeechStarted(item_id=self._turn_item, audio_start_ms=event.audio_start_ms))
+        await self._on_speech_started(self._turn_item)
+
+    def _speech_stopped(self, event: SpeechStopped) -> None:
+        item_id = self._turn_item or self._new_id("item")
+        self._turn_item = None
+        t_stopped = time.monotonic()
+        self._outputs.emit(UserSpeechStopped(item_id=item_id, audio_end_ms=event.audio_end_ms))
+        respond = self.turn_detection is not None and self.turn_detection.create_response
+        self._spawn(self._transcribe(event.audio, item_id, t_stopped, respond=respond))
+
+    async def _transcribe(self, pcm: np.ndarray, item_id: str, t_stopped: float, *, respond: bool) -> None:
+        async with self._asr_lock:
+            try:
+                transcript = await self._asr.transcribe(pcm)
+            except Exception as exc:  # noqa: BLE001 - the session survives a failed turn
+                log.exception("transcription failed")
+                self._outputs.error("server_error", "transcription_failed", f"transcription failed: {exc}",
+                                    item_id=item_id)
+                return
+            t_transcript = time.monotonic()
+            event = UserTranscript(item_id=item_id, transcript=transcript, latency_ms=ms(t_transcript - t_stopped),
+                                   t=t_transcript)
+            self._outputs.emit(event)
+            self._on_transcript(event, t_stopped, respond)
