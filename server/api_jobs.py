@@ -138,7 +138,18 @@ def model_state(request: web.Request) -> dict[str, Any]:
 async def health(request: web.Request) -> web.Response:
     """Job and worker counts (RunPod's shape) plus the model state; never needs the API key."""
     body = await request.app[JOBS].health()
-    return web.json_response({**body, **model_state(request)})
+    return web.json_response({**body, **model_state(request), "realtime": realtime_sessions(request.app)})
+
+
+def realtime_sessions(app: web.Application) -> dict[str, int]:
+    """Live realtime sessions (WebRTC and WebSocket) against the cap, so a dispatcher can route."""
+    from signaling.routes import CALLS
+
+    registry = app.get(CALLS)
+    if registry is None:
+        return {"active": 0, "max": 0, "available": 0}
+    return {"active": registry.active, "max": registry.max_calls,
+            "available": max(registry.max_calls - registry.active, 0)}
 
 
 async def ping(request: web.Request) -> web.Response:
