@@ -19,7 +19,7 @@ import signaling
 from server import api_fish, api_jobs
 from server.conversations import ConversationStore
 from server.handler import handle_job
-from server.http import (CONVERSATIONS, JOBS, SERVICES, SETTINGS, auth_middleware, body_limit, install_cors)
+from server.http import CONVERSATIONS, JOBS, SERVICES, SETTINGS, body_limit, install_access
 from server.jobs import JobManager, JobStore
 from server.services import Services, load_services
 from server.settings import Settings
@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings, services: Services | None = None) -> web.Application:
     """The server. Without `services`, the models are loaded (off the loop) when the app starts
     and closed when it stops; the app only starts answering once loading has finished or failed."""
-    app = web.Application(client_max_size=body_limit(settings), middlewares=[auth_middleware])
+    app = web.Application(client_max_size=body_limit(settings))
+    install_access(app, settings)  # API key, CORS and the last-resort error handler, for every route
     app[SETTINGS] = settings
     app[SERVICES] = services if services is not None else Services(loading=True)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -49,7 +50,6 @@ def create_app(settings: Settings, services: Services | None = None) -> web.Appl
     api_jobs.add_routes(r)
     api_jobs.add_routes(r, prefix="/v2/{endpoint_id}")
     api_fish.add_routes(r)
-    install_cors(app, settings.cors_origins)
     signaling.install(app, services=app[SERVICES], settings=settings)
     return app
 
