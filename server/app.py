@@ -7,6 +7,7 @@
         POST /v1/references/add, GET /v1/references/list, DELETE|POST /v1/references/delete,
         POST /v1/references/update
     realtime (signaling): /v1/realtime/..., and the web page at /
+    GET /metrics (Prometheus)
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 import signaling
-from server import api_fish, api_jobs
+from server import api_fish, api_jobs, metrics
 from server.conversations import ConversationStore
 from server.handler import handle_job
 from server.http import CONVERSATIONS, JOBS, SERVICES, SETTINGS, body_limit, install_access
@@ -39,7 +40,7 @@ def create_app(settings: Settings, services: Services | None = None) -> web.Appl
     app[CONVERSATIONS] = conversations
     app[JOBS] = JobManager(
         JobStore(settings.jobs_db),
-        lambda job_input: handle_job(job_input, app[SERVICES], settings, conversations),
+        lambda job_input: metrics.observe_job(handle_job(job_input, app[SERVICES], settings, conversations)),
         queue_size=settings.queue_size, concurrency=settings.concurrent_jobs,
         execution_timeout=settings.execution_timeout, result_ttl=settings.result_ttl,
         on_janitor=conversations.purge_expired, webhook_retry_delay=settings.webhook_retry_delay)
@@ -50,6 +51,7 @@ def create_app(settings: Settings, services: Services | None = None) -> web.Appl
     api_jobs.add_routes(r)
     api_jobs.add_routes(r, prefix="/v2/{endpoint_id}")
     api_fish.add_routes(r)
+    metrics.install(app)
     signaling.install(app, services=app[SERVICES], settings=settings)
     return app
 
