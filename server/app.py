@@ -7,7 +7,7 @@
         POST /v1/references/add, GET /v1/references/list, DELETE|POST /v1/references/delete,
         POST /v1/references/update
     realtime (signaling): /v1/realtime/..., and the web page at /
-    GET /metrics (Prometheus)
+    GET /metrics (Prometheus), GET /openapi.json (OpenAPI 3.1, no key), GET /docs (its page, no key)
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 import signaling
-from server import api_fish, api_jobs, metrics
+from server import api_fish, api_jobs, metrics, openapi
 from server.conversations import ConversationStore
 from server.handler import handle_job
 from server.http import CONVERSATIONS, JOBS, SERVICES, SETTINGS, body_limit, install_access
@@ -52,6 +52,7 @@ def create_app(settings: Settings, services: Services | None = None) -> web.Appl
     api_jobs.add_routes(r, prefix="/v2/{endpoint_id}")
     api_fish.add_routes(r)
     metrics.install(app)
+    openapi.install(app)
     signaling.install(app, services=app[SERVICES], settings=settings)
     return app
 
