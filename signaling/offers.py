@@ -26,8 +26,9 @@ from signaling.errors import CallError
 from signaling.options import SessionOptions, from_query, from_session
 
 SDP_TYPES = ("application/sdp", "text/plain", "application/octet-stream", "")
-_AIORTC_DIR = str(Path(aiortc.__file__).resolve().parent) + os.sep
-_OUR_DIRS = tuple(str(Path(__file__).resolve().parent.parent / name) + os.sep for name in ("engine", "server", "signaling"))
+_AIORTC_DIR = os.path.realpath(Path(aiortc.__file__).parent) + os.sep
+_OUR_DIRS = tuple(os.path.realpath(Path(__file__).parent.parent / name) + os.sep
+                  for name in ("engine", "server", "signaling"))
 
 
 async def read_offer(request: web.Request) -> tuple[str, SessionOptions]:
@@ -93,7 +94,7 @@ def raised_by_aiortc(tb: TracebackType | None) -> bool:
     such as ipaddress or struct, count as aiortc's call)."""
     owner = None
     while tb is not None:
-        filename = tb.tb_frame.f_code.co_filename
+        filename = os.path.realpath(tb.tb_frame.f_code.co_filename)  # a venv may be reached through a symlink
         if filename.startswith(_AIORTC_DIR):
             owner = "aiortc"
         elif filename.startswith(_OUR_DIRS):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import re
 import string
 import time
@@ -32,8 +33,10 @@ from server.testing import LiveServer
 
 KEY = "fuzz-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-EXAMPLES_PER_OPERATION = 25
-PROPERTY_EXAMPLES = 40
+# CI's bounds; FUZZ_EXAMPLES / FUZZ_PHASES (e.g. "coverage,examples,fuzzing") widen a local hunt.
+EXAMPLES_PER_OPERATION = int(os.environ.get("FUZZ_EXAMPLES", "25"))
+PROPERTY_EXAMPLES = int(os.environ.get("FUZZ_PROPERTY_EXAMPLES", "40"))
+FUZZ_PHASES = os.environ.get("FUZZ_PHASES", "examples,fuzzing").split(",")
 STATUSES: collections.Counter[int] = collections.Counter()
 T0 = time.monotonic()
 
@@ -66,8 +69,8 @@ def _sdp_text(ctx, value) -> bytes:
 
 schema = schemathesis.openapi.from_dict(build_document())
 schema.config.generation.update(modes=list(schemathesis.GenerationMode), max_examples=EXAMPLES_PER_OPERATION,
-                                deterministic=True, with_security_parameters=False, database="none")
-schema.config.phases.update(phases=["examples", "fuzzing"])
+                                deterministic="FUZZ_EXAMPLES" not in os.environ, with_security_parameters=False, database="none")
+schema.config.phases.update(phases=FUZZ_PHASES)  # the coverage phase alone sends ~900 requests
 
 
 def test_served_document_is_the_generated_one(fuzz_server):
@@ -80,7 +83,7 @@ def test_served_document_is_the_generated_one(fuzz_server):
 
 @schema.parametrize()
 @settings(deadline=None, suppress_health_check=list(HealthCheck), max_examples=EXAMPLES_PER_OPERATION,
-          derandomize=True, database=None)
+          derandomize="FUZZ_EXAMPLES" not in os.environ, database=None)
 def test_no_generated_request_makes_a_server_error(case, fuzz_server):
     if isinstance(case.body, dict):
         case.body.pop("webhook", None)  # the server would call whatever URL a body names
@@ -252,6 +255,23 @@ def test_mutated_sdp_offers_are_answered_or_refused_with_a_400(realtime_server, 
     assert response.status_code in (400, 413), response.text
     assert response.json()["error"]["code"] in ("invalid_offer", "no_audio", "no_opus", "negotiation_failed",
                                                 "offer_too_large"), response.text
+
+
+def test_offer_that_aiortc_cannot_negotiate_is_a_400_with_the_reason(realtime_server):
+    """Found by the fuzz: with no DTLS fingerprint nor setup, aiortc's setRemoteDescription raises AttributeError."""
+    offer = "\r\n".join(ln for ln in BASE_OFFER if not ln.startswith(("a=fingerprint", "a=setup"))) + "\r\n"
+    response = requests.post(f"{realtime_server.url}/v1/realtime/calls", data=offer,
+                             headers={**AUTH, "Content-Type": "application/sdp"}, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "negotiation_failed" and "AttributeError" in error["message"]
+    assert not realtime_server.call(_live_calls(realtime_server))  # nothing left registered
+
+
+async def _live_calls(server) -> int:
+    from signaling.routes import CALLS
+
+    return len(server.app[CALLS].calls)
 
 
 def test_active_calls_appear_in_metrics(realtime_server):
