@@ -82,6 +82,16 @@ def test_json_python_refuses_is_400_on_every_json_route(server, raw, fragment):
         assert_ref_error(response, 400, fragment)
 
 
+@pytest.mark.parametrize("session", [DEEP, '{"temperature": %s}' % HUGE_INT, '{"instructions": "\\ud800"}'])
+def test_multipart_session_field_json_python_refuses_is_400(server, session):
+    files = {"sdp": (None, SDP_OK_START + "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=rtpmap:111 opus/48000/2\r\n"),
+             "session": (None, session)}
+    response = requests.post(f"{server.url}/v1/realtime/calls", files=files, headers=AUTH)
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["code"] == "invalid_session" and error["param"] == "session", error
+    assert "`session` field" in error["message"]
+
+
 def test_numbers_that_overflow_are_400(server):
     raw = '{"input": {"text": "hi"}, "policy": {"executionTimeout": 1%s}}' % ("0" * 400)
     response = requests.post(f"{server.url}/run", data=raw, headers={**AUTH, "Content-Type": "application/json"})
