@@ -32,7 +32,7 @@ from signaling.dispatch import RealtimeControl
 from signaling.errors import CallError
 from signaling.host import CallLimits, RealtimeConfig, RealtimeModels
 from signaling.ice import ice_configuration
-from signaling.offer import check_offer
+from signaling.offers import check_offer
 from signaling.options import SessionOptions
 from signaling.protocol.ga import RealtimeEvents
 from signaling.registry import CallRegistry
