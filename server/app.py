@@ -6,6 +6,8 @@
     upstream Fish Speech: POST /v1/tts, GET|POST /v1/health (no key),
         POST /v1/references/add, GET /v1/references/list, DELETE|POST /v1/references/delete,
         POST /v1/references/update
+    OpenAI audio: POST /v1/audio/speech, POST /v1/audio/transcriptions, POST /v1/audio/translations,
+        GET /v1/models, GET /v1/models/{id}
     realtime (signaling): /v1/realtime/..., and the web page at /
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 import signaling
-from server import api_fish, api_jobs
+from server import api_fish, api_jobs, openai_audio
 from server.conversations import ConversationStore
 from server.handler import handle_job
 from server.http import (CONVERSATIONS, JOBS, SERVICES, SETTINGS, auth_middleware, body_limit, install_cors)
@@ -49,6 +51,7 @@ def create_app(settings: Settings, services: Services | None = None) -> web.Appl
     api_jobs.add_routes(r)
     api_jobs.add_routes(r, prefix="/v2/{endpoint_id}")
     api_fish.add_routes(r)
+    openai_audio.add_routes(r)
     install_cors(app, settings.cors_origins)
     signaling.install(app, services=app[SERVICES], settings=settings)
     return app

@@ -92,8 +92,9 @@ async def read_structured(request: web.Request, *, allow_form: bool = False) -> 
 
 
 # --------------------------------------------------------------------------- auth
-def requires_key(style: str) -> Callable[[Handler], Handler]:
-    """Mark a handler as protected by API_KEY; `style` picks the error body ("job" or "fish")."""
+def requires_key(style: str | Callable[[int, str], web.Response]) -> Callable[[Handler], Handler]:
+    """Mark a handler as protected by API_KEY; `style` picks the error body ("job", "fish", or a
+    function (status, message) -> response for a route family with its own shape)."""
 
     def mark(handler: Handler) -> Handler:
         handler.requires_key = style  # type: ignore[attr-defined]
@@ -116,7 +117,10 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     key = request.app[SETTINGS].api_key
     if style and key and request.method != "OPTIONS" and not key_matches(request, key):
         message = "unauthorized: missing or wrong API key (send Authorization: Bearer <API_KEY>)"
-        response = job_error(401, message) if style == "job" else fish_error(401, message)
+        if callable(style):
+            response = style(401, message)
+        else:
+            response = job_error(401, message) if style == "job" else fish_error(401, message)
         response.headers["WWW-Authenticate"] = "Bearer"
         return response
     return await handler(request)
