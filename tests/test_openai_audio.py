@@ -155,6 +155,23 @@ def test_speech_sse_carries_the_same_audio_and_usage(client):
     assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
 
 
+def test_a_client_that_leaves_stops_the_synthesis(server, client, tts_engine):
+    import time
+
+    import requests
+
+    long_text = " ".join(f"Sentence {n} is here." for n in range(100))  # ~20 s of work for the tiny model
+    with requests.post(server.url + "/v1/audio/speech", json={"voice": "alice", "input": long_text},
+                       headers={"Authorization": f"Bearer {KEY}"}, stream=True) as response:
+        assert response.status_code == 200
+        next(response.iter_content(chunk_size=None))  # the first bytes, then hang up
+    deadline = time.monotonic() + 10
+    while tts_engine.active_requests and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert tts_engine.active_requests == 0  # a hundred sentences were not generated for nobody
+    assert speak(client, response_format="pcm")[0]  # and the server still serves
+
+
 def test_instructions_are_accepted(client):
     body, _, _ = speak(client, response_format="pcm", instructions="Speak cheerfully.")
     assert body == speak(client, response_format="pcm")[0]  # no style prompt in Fish Speech: same audio
