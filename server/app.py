@@ -7,7 +7,7 @@
         POST /v1/references/add, GET /v1/references/list, DELETE|POST /v1/references/delete,
         POST /v1/references/update
     OpenAI audio: POST /v1/audio/speech, POST /v1/audio/transcriptions, POST /v1/audio/translations,
-        GET /v1/models, GET /v1/models/{id}
+        GET /v1/audio/voices, GET /v1/models, GET /v1/models/{id}
     realtime (signaling): /v1/realtime/..., and the web page at /
 """
 from __future__ import annotations

@@ -313,6 +313,11 @@ def test_models_list_and_retrieve(client):
     assert info.value.code == "model_not_found"
 
 
+def test_voices_lists_the_saved_references(server, client):
+    voices = client.get("/audio/voices", cast_to=object)
+    assert voices == {"voices": [{"id": "alice", "name": "alice"}]}
+
+
 def test_without_models_the_routes_answer_503(tmp_path):
     settings = Settings(data_dir=tmp_path, asr_model="none", llm_enabled=False)
     services = Services(errors={"tts": "no checkpoint here", "asr": "disabled (ASR_MODEL=none)"})

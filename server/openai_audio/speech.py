@@ -6,6 +6,7 @@ fly, so the first bytes leave after the first decoded chunk, not after the whole
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import dataclasses
@@ -193,6 +194,16 @@ async def _send_sse(request: web.Request, chunks: AsyncIterator[bytes],
                 "message": f"speech synthesis failed: {exc}", "type": "server_error", "param": None, "code": None}}))
     await response.write_eof()
     return response
+
+
+@requires_key(unauthorized)
+@openai_errors
+async def list_voices(request: web.Request) -> web.Response:
+    """GET /v1/audio/voices, the listing self-hosted OpenAI-style servers offer (Kokoro-FastAPI's
+    shape), which voice pickers such as Home Assistant's OpenAI TTS integration read."""
+    store = request.app[SERVICES].references
+    ids = await asyncio.to_thread(store.list_ids) if store is not None else []
+    return web.json_response({"voices": [{"id": i, "name": i} for i in ids]})
 
 
 @requires_key(unauthorized)
