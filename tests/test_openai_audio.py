@@ -23,6 +23,7 @@ from server.testing import LiveServer
 from tests.speechkit import espeak_available, espeak_wav, wer
 
 KEY = "openai-key"
+ORIGIN = "http://webui.example"
 FRAMES = 12  # the server's max_new_tokens_limit: frames per sentence from the never-stopping tiny model
 TEXT = "Hello there. This is a test."  # two sentences
 SPOKEN = "Please turn on the kitchen lights."
@@ -49,7 +50,7 @@ def server(tts_engine, asr, tmp_path_factory):
     store.add("alice", reference_wav(), "A low tone.", "alice.wav")
     settings = Settings(data_dir=data, checkpoint="/models/tiny-s1-mini", mode="tts", api_key=KEY,
                         llm_enabled=False, max_new_tokens_limit=FRAMES, max_transcription_bytes=400_000,
-                        max_transcription_seconds=20, cors_origins=[])
+                        max_transcription_seconds=20, cors_origins=[ORIGIN])
     with LiveServer(settings, Services(tts=tts_engine, asr=asr, references=store)) as live:
         yield live
 
@@ -204,6 +205,20 @@ def test_wrong_key_is_a_401_in_openai_shape(server):
     assert info.value.code == "invalid_api_key"
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
+
+
+def test_browser_apps_get_cors_as_on_every_route(server):
+    import requests
+
+    preflight = requests.options(server.url + "/v1/audio/speech", headers={
+        "Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert preflight.status_code == 204 and preflight.headers["Access-Control-Allow-Origin"] == ORIGIN
+    r = requests.get(server.url + "/v1/models", headers={"Origin": ORIGIN, "Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200 and r.headers["Access-Control-Allow-Origin"] == ORIGIN
+    other = requests.get(server.url + "/v1/models", headers={"Origin": "http://evil.example",
+                                                             "Authorization": f"Bearer {KEY}"})
+    assert "Access-Control-Allow-Origin" not in other.headers
 
 
 def test_malformed_json_is_a_400(server):
