@@ -20,7 +20,7 @@ from server.references import ReferenceStore
 from server.services import Services
 from server.settings import Settings
 from server.testing import LiveServer
-from tests.speechkit import espeak_available, espeak_wav, wer
+from speechkit import espeak_available, espeak_wav, wer
 
 KEY = "openai-key"
 ORIGIN = "http://webui.example"

@@ -6,9 +6,7 @@ The realtime path only needs plain text (`Transcriber.transcribe`); this is for 
 """
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import threading
 from collections.abc import AsyncIterator
 from typing import Literal
 
@@ -77,58 +75,37 @@ def check_language(transcriber: Transcriber, language: str | None) -> str | None
     return code
 
 
-def _run(model, pcm: np.ndarray, options: TranscribeOptions, beam_size: int, emit, cancelled: threading.Event) -> None:
+def _start(model, pcm: np.ndarray, options: TranscribeOptions, beam_size: int):
     temperature = FALLBACK_TEMPERATURES if options.temperature == 0 else (options.temperature,)
     segments, info = model.transcribe(
         pcm, task=options.task, language=options.language, initial_prompt=options.prompt or None,
         temperature=temperature, beam_size=beam_size, vad_filter=False, condition_on_previous_text=False,
         word_timestamps=options.word_timestamps)
-    emit(TranscriptInfo(language=info.language, duration=float(info.duration)))
-    for seg in segments:  # lazy: each iteration decodes the next window
-        if cancelled.is_set():
-            return
-        words = None if seg.words is None else [Word(w.word, float(w.start), float(w.end), float(w.probability))
-                                                for w in seg.words]
-        emit(Segment(id=seg.id, seek=seg.seek, start=float(seg.start), end=float(seg.end), text=seg.text,
-                     tokens=list(seg.tokens), temperature=float(seg.temperature or 0.0),
-                     avg_logprob=float(seg.avg_logprob), compression_ratio=float(seg.compression_ratio),
-                     no_speech_prob=float(seg.no_speech_prob), words=words))
+    return segments, TranscriptInfo(language=info.language, duration=float(info.duration))
+
+
+def _segment(seg) -> Segment:
+    words = None if seg.words is None else [Word(w.word, float(w.start), float(w.end), float(w.probability))
+                                            for w in seg.words]
+    return Segment(id=seg.id, seek=seg.seek, start=float(seg.start), end=float(seg.end), text=seg.text,
+                   tokens=list(seg.tokens), temperature=float(seg.temperature or 0.0),
+                   avg_logprob=float(seg.avg_logprob), compression_ratio=float(seg.compression_ratio),
+                   no_speech_prob=float(seg.no_speech_prob), words=words)
 
 
 async def transcribe_stream(transcriber: Transcriber, pcm16k: np.ndarray,
                             options: TranscribeOptions = TranscribeOptions()) -> AsyncIterator[TranscriptInfo | Segment]:
-    """One TranscriptInfo, then each Segment as soon as Whisper has it. Closing the iterator stops
-    the work after the window in progress."""
+    """One TranscriptInfo, then each Segment as soon as Whisper has it.
+
+    Each 30 s window is its own job on the ASR thread, so a long file does not hold the thread
+    for minutes: a realtime call's short turn waits for one window at most. Closing the iterator
+    stops the work after the window in progress.
+    """
     pcm = as_pcm16k(pcm16k)
     if pcm.size < INPUT_SAMPLE_RATE // 10:  # Whisper hallucinates on near-empty input
         yield TranscriptInfo(language=options.language or "en", duration=pcm.size / INPUT_SAMPLE_RATE)
         return
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    end = object()
-    cancelled = threading.Event()
-
-    def emit(item: object) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the loop is gone; nobody is listening
-            cancelled.set()
-
-    def work(model) -> None:
-        try:
-            _run(model, pcm, options, transcriber.beam_size, emit, cancelled)
-        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
-            emit(exc)
-        finally:
-            emit(end)
-
-    job = asyncio.ensure_future(transcriber.run(work))
-    try:
-        while (item := await queue.get()) is not end:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        cancelled.set()
-        if not job.done():
-            job.cancel()  # still queued behind another request: never starts
+    segments, info = await transcriber.run(_start, pcm, options, transcriber.beam_size)
+    yield info
+    while (seg := await transcriber.run(lambda _model: next(segments, None))) is not None:
+        yield _segment(seg)
