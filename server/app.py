@@ -6,6 +6,8 @@
     upstream Fish Speech: POST /v1/tts, GET|POST /v1/health (no key),
         POST /v1/references/add, GET /v1/references/list, DELETE|POST /v1/references/delete,
         POST /v1/references/update
+    OpenAI audio: POST /v1/audio/speech, POST /v1/audio/transcriptions, POST /v1/audio/translations,
+        GET /v1/audio/voices, GET /v1/models, GET /v1/models/{id}
     realtime (signaling): /v1/realtime/..., and the web page at /
     GET /metrics (Prometheus), GET /openapi.json (OpenAPI 3.1, no key), GET /docs (its page, no key)
 """
@@ -17,7 +19,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 import signaling
-from server import api_fish, api_jobs, metrics, openapi
+from server import api_fish, api_jobs, metrics, openai_audio, openapi
 from server.conversations import ConversationStore
 from server.http import CONVERSATIONS, JOBS, SERVICES, SETTINGS, body_limit, install_access
 from server.jobs.handler import handle_job
@@ -52,6 +54,7 @@ def create_app(settings: Settings, services: Services | None = None) -> web.Appl
     api_jobs.add_routes(r)
     api_jobs.add_routes(r, prefix="/v2/{endpoint_id}")
     api_fish.add_routes(r)
+    openai_audio.add_routes(r)
     metrics.install(app)
     openapi.install(app)
     signaling.install(app, services=app[SERVICES], config=realtime_config(settings))
