@@ -40,7 +40,7 @@ async def read_bytes(request: web.Request) -> bytes:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise _too_large(request) from None
-    except (RequestPayloadError, HttpProcessingError, EOFError, ValueError) as exc:  # bad Content-Encoding, early end, bad chunking
+    except (RequestPayloadError, HttpProcessingError, EOFError, ValueError) as exc:  # bad encoding, early end
         raise RequestError(400, f"the request body could not be read: {_reason(exc)}") from None
 
 

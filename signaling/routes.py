@@ -51,7 +51,8 @@ def install(app: web.Application, *, services: Any, settings: Any) -> None:
     max_sessions = int(getattr(settings, "max_sessions", None) or DEFAULT_MAX_SESSIONS)
     app[CALLS] = CallRegistry(max_sessions)
     app[CONTEXT] = {"services": services, "settings": settings, "limits": _limits(settings)}
-    access.install(app, api_key=getattr(settings, "api_key", None), cors_origins=getattr(settings, "cors_origins", None))
+    access.install(app, api_key=getattr(settings, "api_key", None),
+                   cors_origins=getattr(settings, "cors_origins", None))
     access.add_error_style(app, REALTIME_PREFIX, access.openai_error, name="realtime")
 
     async def close_calls(app: web.Application) -> None:

@@ -54,7 +54,8 @@ def fuzz_settings(data_dir) -> Settings:
 @pytest.fixture(scope="module")
 def fuzz_server(tts_engine, tmp_path_factory):
     data = tmp_path_factory.mktemp("fuzz")
-    with LiveServer(fuzz_settings(data), Services(tts=tts_engine, references=ReferenceStore(data / "references"))) as live:
+    services = Services(tts=tts_engine, references=ReferenceStore(data / "references"))
+    with LiveServer(fuzz_settings(data), services) as live:
         yield live
 
 
@@ -69,7 +70,8 @@ def _sdp_text(ctx, value) -> bytes:
 
 schema = schemathesis.openapi.from_dict(build_document())
 schema.config.generation.update(modes=list(schemathesis.GenerationMode), max_examples=EXAMPLES_PER_OPERATION,
-                                deterministic="FUZZ_EXAMPLES" not in os.environ, with_security_parameters=False, database="none")
+                                deterministic="FUZZ_EXAMPLES" not in os.environ, with_security_parameters=False,
+                                database="none")
 schema.config.phases.update(phases=FUZZ_PHASES)  # the coverage phase alone sends ~900 requests
 
 
@@ -154,7 +156,8 @@ def multipart_bodies(draw) -> tuple[bytes, str]:
         body = body[:draw(st.integers(0, len(body)))]  # an early end
     declared = draw(st.sampled_from(["same", "missing", "other", "quoted"]))
     ctype = {"same": f"multipart/form-data; boundary={boundary}", "missing": "multipart/form-data",
-             "other": f"multipart/form-data; boundary={boundary}x", "quoted": f'multipart/form-data; boundary="{boundary}"'}
+             "other": f"multipart/form-data; boundary={boundary}x",
+             "quoted": f'multipart/form-data; boundary="{boundary}"'}
     return body, ctype[declared]
 
 
