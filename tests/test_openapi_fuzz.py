@@ -75,6 +75,19 @@ schema.config.generation.update(modes=list(schemathesis.GenerationMode), max_exa
 schema.config.phases.update(phases=FUZZ_PHASES)  # the coverage phase alone sends ~900 requests
 
 
+def test_document_is_valid_openapi_3_1():
+    from openapi_spec_validator import OpenAPIV31SpecValidator
+
+    doc = build_document()
+    OpenAPIV31SpecValidator(doc).validate()  # raises with the first violation
+    operations = {(m.upper(), p) for p, item in doc["paths"].items() for m in item}
+    for needed in (("POST", "/run"), ("POST", "/runsync"), ("GET", "/status/{job_id}"), ("POST", "/v1/tts"),
+                   ("POST", "/v1/references/add"), ("POST", "/v1/realtime/calls"), ("GET", "/metrics")):
+        assert needed in operations
+    job_input = doc["components"]["schemas"]["JobInput"]["properties"]
+    assert job_input["temperature"]["exclusiveMinimum"] == 0.0 and "text" in job_input  # from the pydantic model
+
+
 def test_served_document_is_the_generated_one(fuzz_server):
     served = requests.get(f"{fuzz_server.url}/openapi.json")
     assert served.status_code == 200 and served.json() == build_document()
