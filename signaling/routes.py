@@ -43,6 +43,7 @@ CALLS = web.AppKey("realtime_calls", CallRegistry)
 MODELS = web.AppKey("realtime_models", object)
 CONFIG = web.AppKey("realtime_config", RealtimeConfig)
 
+
 def install(app: web.Application, *, services: RealtimeModels, config: RealtimeConfig) -> None:
     """Add the realtime routes and the web page to `app`. The API key, CORS and last-resort errors
     are the server's one policy (server.access; installed here when the app has none yet), with
