@@ -72,7 +72,8 @@ def realtime_config(settings: Settings) -> signaling.RealtimeConfig:
         api_key=settings.api_key, cors_origins=tuple(settings.cors_origins), ice_servers=tuple(settings.ice_servers),
         max_sessions=settings.max_sessions, mode=settings.mode, instructions=settings.instructions,
         llm_max_tokens=settings.llm_max_tokens, sampling=settings.realtime_sampling, limits=limits,
-        model_name=settings.checkpoint)
+        model_name=settings.checkpoint,
+        observe_latency=lambda latency_ms: metrics.observe_turn_latency(latency_ms, source="realtime"))
 
 
 def _services_context(owned: bool):
