@@ -6,7 +6,7 @@
     upstream Fish Speech: POST /v1/tts, GET|POST /v1/health (no key),
         POST /v1/references/add, GET /v1/references/list, DELETE|POST /v1/references/delete,
         POST /v1/references/update
-    realtime (signaling): /v1/realtime/..., and the web page at /
+    realtime (signaling): /v1/realtime/..., phone calls /v1/telephony/..., and the web page at /
 """
 from __future__ import annotations
 
@@ -65,7 +65,10 @@ def realtime_config(settings: Settings) -> signaling.RealtimeConfig:
         api_key=settings.api_key, cors_origins=tuple(settings.cors_origins), ice_servers=tuple(settings.ice_servers),
         max_sessions=settings.max_sessions, mode=settings.mode, instructions=settings.instructions,
         llm_max_tokens=settings.llm_max_tokens, sampling=settings.realtime_sampling, limits=limits,
-        model_name=settings.checkpoint)
+        model_name=settings.checkpoint, telephony=signaling.TelephonyConfig(
+            twilio_auth_token=settings.twilio_auth_token, public_url=settings.telephony_public_url,
+            webhook_key=settings.telephony_webhook_key, token_secret=settings.telephony_token_secret,
+            liveness_timeout=settings.telephony_liveness_timeout))
 
 
 def _services_context(owned: bool):
