@@ -103,10 +103,13 @@ class CarrierPlayback:
         for rid in ([response_id] if response_id is not None else list(self._encoders)):
             self._encoders.pop(rid, None)
         self.stats.cleared_seconds += dropped / self.rate
-        carrier_busy = bool(self._pending) or self._clock > time.monotonic()
+        # Clear whenever the carrier may hold some of it: audio not yet confirmed played, or any
+        # audio of a response cut while generating (a clear of an empty buffer is harmless).
+        carrier_may_hold = bool(self._pending) or self._clock > time.monotonic() or (
+            self._sent.get(response_id, 0) > 0 if response_id is not None else bool(self._sent))
         self._pending.clear()  # echoes of these come back for audio that never played
         self._clock = 0.0
-        if carrier_busy:
+        if carrier_may_hold:
             self.stats.clears += 1
             await self._send(self._dialect.clear(self._stream_id))
 
