@@ -1,4 +1,5 @@
-"""A faithful carrier for telephony tests and benchmarks: what Twilio (or Telnyx) does to our server.
+"""A faithful carrier for telephony tests and benchmarks: what Twilio (or Telnyx, or Plivo) does to
+our server.
 
 `CarrierPeer` answers a call the way the carrier does: it POSTs the voice webhook with the
 carrier's form fields (signed with X-Twilio-Signature when given the auth token, by twilio's
@@ -71,17 +72,19 @@ def telephone_speech(pcm16k: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------- the carrier
 class CarrierPeer:
-    """One phone call as the carrier (`dialect` "twilio" or "telnyx") places it."""
+    """One phone call as the carrier (`dialect` "twilio", "telnyx" or "plivo") places it."""
 
     def __init__(self, base_url: str, dialect: str = "twilio", *, auth_token: str | None = None) -> None:
-        assert dialect in ("twilio", "telnyx")
+        assert dialect in ("twilio", "telnyx", "plivo")
         self.base_url = base_url.rstrip("/")
         self.dialect = dialect
         self.auth_token = auth_token
-        self.call_sid = ("CA" + secrets.token_hex(16)) if dialect == "twilio" else f"v3:{secrets.token_urlsafe(24)}"
+        self.call_sid = {"twilio": "CA" + secrets.token_hex(16), "telnyx": f"v3:{secrets.token_urlsafe(24)}",
+                         "plivo": str(uuid.uuid4())}[dialect]
         self.account_sid = "AC" + secrets.token_hex(16) if dialect == "twilio" else str(uuid.uuid4())
         self.stream_sid = ("MZ" + secrets.token_hex(16)) if dialect == "twilio" else str(uuid.uuid4())
         self.stream_url: str | None = None
+        self.media_type: str | None = None  # Plivo: the <Stream contentType>
         self.parameters: dict[str, str] = {}
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self._http: aiohttp.ClientSession | None = None
@@ -111,6 +114,9 @@ class CarrierPeer:
         if self.dialect == "twilio":
             return {**common, "ApiVersion": "2010-04-01", "Called": "+15005550001", "Caller": "+15005550006",
                     "CallerCountry": "US", "CalledCountry": "US"}
+        if self.dialect == "plivo":
+            return {"CallUUID": self.call_sid, "From": "15005550006", "To": "15005550001", "Direction": "inbound",
+                    "CallStatus": "in-progress", "Event": "StartApp"}
         return {**common, "CallerId": "+15005550006", "ConnectionId": "1494404757140276705"}
 
     async def dial(self, query: dict[str, Any] | None = None, *, signature: str | None = None,
@@ -131,10 +137,16 @@ class CarrierPeer:
             body = await resp.text()
             if resp.status == 200:
                 root = ElementTree.fromstring(body)
-                stream = root.find("./Connect/Stream")
-                assert stream is not None, body
-                self.stream_url = stream.get("url")
-                self.parameters = {p.get("name"): p.get("value") for p in stream.findall("Parameter")}
+                if self.dialect == "plivo":  # <Response><Stream bidirectional="true" ...>wss://...</Stream>
+                    stream = root.find("./Stream")
+                    assert stream is not None and stream.get("bidirectional") == "true", body
+                    self.stream_url = (stream.text or "").strip()
+                    self.media_type = stream.get("contentType")
+                else:
+                    stream = root.find("./Connect/Stream")
+                    assert stream is not None, body
+                    self.stream_url = stream.get("url")
+                    self.parameters = {p.get("name"): p.get("value") for p in stream.findall("Parameter")}
             return resp.status, body
 
     # ------------------------------------------------------------------ the media stream
@@ -142,7 +154,8 @@ class CarrierPeer:
         assert self.stream_url, "dial() first"
         self._http = self._http or aiohttp.ClientSession()
         self.ws = await self._http.ws_connect(self.stream_url)
-        await self._send(self._connected())
+        if self.dialect != "plivo":  # Plivo starts with `start`
+            await self._send(self._connected())
         await self._send(self._start(start_overrides or {}))
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._run_mic()), loop.create_task(self._receive()),
@@ -158,6 +171,12 @@ class CarrierPeer:
         return {"event": "connected", "version": "1.0.0"}
 
     def _start(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        if self.dialect == "plivo":
+            start = {"callId": self.call_sid, "streamId": self.stream_sid, "accountId": self.account_sid,
+                     "tracks": ["inbound"], "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000}}
+            self._seq -= 1  # Plivo counts from 0
+            return {"event": "start", "sequenceNumber": int(self._next_seq()), "start": {**start, **overrides},
+                    "extra_headers": ""}
         if self.dialect == "twilio":
             start = {"accountSid": self.account_sid, "streamSid": self.stream_sid, "callSid": self.call_sid,
                      "tracks": ["inbound"], "customParameters": dict(self.parameters),
@@ -175,9 +194,15 @@ class CarrierPeer:
                  "payload": base64.b64encode(frame).decode()}
         if self.dialect == "twilio":
             return {"event": "media", "sequenceNumber": self._next_seq(), "media": media, "streamSid": self.stream_sid}
+        if self.dialect == "plivo":
+            media["chunk"] = self._chunk
+            return {"event": "media", "sequenceNumber": int(self._next_seq()), "streamId": self.stream_sid,
+                    "media": media, "extra_headers": ""}
         return {"event": "media", "sequence_number": self._next_seq(), "media": media, "stream_id": self.stream_sid}
 
     def _mark_echo(self, name: str) -> dict[str, Any]:
+        if self.dialect == "plivo":
+            return {"event": "playedStream", "streamId": self.stream_sid, "name": name}
         if self.dialect == "twilio":
             return {"event": "mark", "sequenceNumber": self._next_seq(), "streamSid": self.stream_sid,
                     "mark": {"name": name}}
@@ -207,7 +232,10 @@ class CarrierPeer:
         return self.t_voice_end
 
     async def dtmf(self, digit: str) -> None:
-        if self.dialect == "twilio":
+        if self.dialect == "plivo":
+            await self._send({"event": "dtmf", "sequenceNumber": int(self._next_seq()), "streamId": self.stream_sid,
+                              "dtmf": {"track": "inbound", "digit": digit}})
+        elif self.dialect == "twilio":
             await self._send({"event": "dtmf", "streamSid": self.stream_sid, "sequenceNumber": self._next_seq(),
                               "dtmf": {"track": "inbound_track", "digit": digit}})
         else:
@@ -218,8 +246,10 @@ class CarrierPeer:
         await self._send(text)
 
     async def stop(self) -> None:
-        """The caller hangs up: `stop`, then the carrier closes the socket."""
-        if self.dialect == "twilio":
+        """The caller hangs up: `stop`, then the carrier closes the socket (Plivo just closes it)."""
+        if self.dialect == "plivo":
+            pass
+        elif self.dialect == "twilio":
             await self._send({"event": "stop", "sequenceNumber": self._next_seq(), "streamSid": self.stream_sid,
                               "stop": {"accountSid": self.account_sid, "callSid": self.call_sid}})
         else:
@@ -269,14 +299,16 @@ class CarrierPeer:
                 self.violations.append(f"not JSON: {message.data[:80]!r}")
                 continue
             self._check_shape(data)
-            event = data.get("event")
+            event = {"playAudio": "media", "checkpoint": "mark", "clearAudio": "clear"}.get(data.get("event"),
+                                                                                          data.get("event"))
             if event == "media":
                 payload = base64.b64decode(data["media"]["payload"])
                 self.received.append((time.monotonic(), payload))
                 self._playout.append(("audio", bytearray(payload)))
             elif event == "mark":
-                self.marks_received.append(data["mark"]["name"])
-                self._playout.append(("mark", data["mark"]["name"]))
+                name = data["name"] if self.dialect == "plivo" else data["mark"]["name"]
+                self.marks_received.append(name)
+                self._playout.append(("mark", name))
             elif event == "clear":
                 self.clears.append(time.monotonic())
                 dropped = [item for kind, item in self._playout if kind == "mark"]
@@ -285,6 +317,9 @@ class CarrierPeer:
                     for name in dropped:
                         self.marks_echoed.append((time.monotonic(), name, False))
                         await self._send(self._mark_echo(name))
+                elif self.dialect == "plivo":  # Plivo confirms the clear instead
+                    await self._send({"event": "clearedAudio", "sequenceNumber": int(self._next_seq()),
+                                      "streamId": self.stream_sid})
         self.closed.set()
 
     def _check_shape(self, data: dict[str, Any]) -> None:
@@ -294,6 +329,14 @@ class CarrierPeer:
                         "clear": {"event", "streamSid"}}
             if data.get("streamSid") != self.stream_sid:
                 self.violations.append(f"{event}: wrong streamSid {data.get('streamSid')!r}")
+        elif self.dialect == "plivo":
+            expected = {"playAudio": {"event", "streamId", "media"}, "checkpoint": {"event", "streamId", "name"},
+                        "clearAudio": {"event", "streamId"}}
+            if data.get("streamId") != self.stream_sid:
+                self.violations.append(f"{event}: wrong streamId {data.get('streamId')!r}")
+            if event == "playAudio" and isinstance(data.get("media"), dict) and (
+                    data["media"].get("contentType") != "audio/x-mulaw" or data["media"].get("sampleRate") != 8000):
+                self.violations.append(f"playAudio media format {data['media']}")
         else:
             expected = {"media": {"event", "media"}, "mark": {"event", "mark"}, "clear": {"event"}}
         if event not in expected:
@@ -301,7 +344,7 @@ class CarrierPeer:
             return
         if set(data) != expected[event]:
             self.violations.append(f"{event}: fields {sorted(data)} (documented: {sorted(expected[event])})")
-        if event == "media":
+        if event in ("media", "playAudio"):
             payload = data["media"].get("payload") if isinstance(data["media"], dict) else None
             try:
                 raw = base64.b64decode(payload or "", validate=True)
@@ -310,6 +353,8 @@ class CarrierPeer:
                 return
             if not raw or len(raw) % FRAME:
                 self.violations.append(f"media payload of {len(raw)} bytes is not whole 20 ms frames")
+        if event == "checkpoint" and not isinstance(data.get("name"), str):
+            self.violations.append(f"checkpoint without a name: {data}")
         if event == "mark" and not (isinstance(data["mark"], dict) and isinstance(data["mark"].get("name"), str)):
             self.violations.append(f"mark without a name: {data}")
 

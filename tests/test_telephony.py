@@ -86,7 +86,11 @@ def of_type(call, kind):
 
 
 async def wait_event(call, kind, predicate=lambda e: True, timeout: float = 30.0):
-    await wait_until(lambda: any(predicate(e) for e in of_type(call, kind)), timeout, kind.__name__)
+    try:
+        await wait_until(lambda: any(predicate(e) for e in of_type(call, kind)), timeout, kind.__name__)
+    except AssertionError as exc:
+        seen = [type(e).__name__ for e in call.events if type(e).__name__ != "ResponseTextDelta"]
+        raise AssertionError(f"{exc}; call closed: {call.close_reason}; events: {seen[-15:]}") from None
     return next(e for e in of_type(call, kind) if predicate(e))
 
 
@@ -95,7 +99,7 @@ def rms(pcm: np.ndarray) -> float:
 
 
 # --------------------------------------------------------------------------- the headline
-@pytest.mark.parametrize("dialect", ["twilio", "telnyx"])
+@pytest.mark.parametrize("dialect", ["twilio", "telnyx", "plivo"])
 async def test_spoken_question_over_mulaw_gets_transcript_and_audible_reply(server, dial, dialect):
     peer = await dial(dialect, mode="agent", max_new_tokens=24)
     call = phone_call(server, peer)
@@ -255,12 +259,18 @@ async def test_webhook_options_are_validated_and_telnyx_needs_its_key(models):
         peer = CarrierPeer(server.base_url, "telnyx")
         assert (await peer.dial({"mode": "tts"}))[0] == 403
         assert (await peer.dial({"mode": "tts", "key": "wrong"}))[0] == 403
-        status, body = await peer.dial({"mode": "tts", "key": "s3cret"})
+        status, body = await peer.dial({"mode": "tts", "instructions": "Be brief.", "key": "s3cret"})
         assert status == 200 and 'bidirectionalMode="rtp"' in body and "token=" in peer.stream_url
         assert "key=" not in peer.stream_url  # the webhook key stays between the carrier and us
+        # The webhook's session options reach the call's conversation.
+        await peer.connect()
+        await wait_until(lambda: phone_call(server, peer) is not None, 10, "the Telnyx call")
+        conversation = phone_call(server, peer).conversation
+        assert conversation.mode == "tts" and conversation.instructions == "Be brief."
+        await peer.stop()
         twilio = CarrierPeer(server.base_url)
         status, body = await twilio.dial({"mode": "sing"})
         assert status == 400 and "mode" in body
-        await asyncio.gather(peer.close(), twilio.close())
+        await twilio.close()
     finally:
         await server.stop()

@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 PREFIX = "/v1/telephony"
 STREAM_PATH = PREFIX + "/stream"
 TOKEN_PARAM = "token"
-OPTION_PARAMS = ("mode", "voice", "instructions")  # what the webhook forwards to the stream
 DIALECTS: tuple[Dialect, ...] = (TwilioDialect(), TelnyxDialect(), PlivoDialect())
 START_MESSAGES = 4  # messages a stream may send before its start (Twilio and Telnyx send `connected`)
 START_TIMEOUT = 10.0
@@ -207,7 +206,8 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
         log.warning("%s stream for call %s refused: %s", dialect.name, start.call_id, exc)
         await ws.close(code=1008, message=b"stream not admitted")
         return ws
-    params = {**{k: v for k, v in request.query.items() if k in OPTION_PARAMS}, **start.parameters}
+    # Session options: the webhook's query string, carried in the stream URL or the stream parameters.
+    params = {**{k: v for k, v in request.query.items() if k != "key"}, **start.parameters}
     registry = request.app[CALLS]
     try:
         options: SessionOptions = from_query({k: v for k, v in params.items() if k != TOKEN_PARAM})
