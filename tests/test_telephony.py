@@ -12,6 +12,7 @@ import asyncio
 import time
 import types
 
+import aiohttp
 import numpy as np
 import pytest
 
@@ -40,9 +41,9 @@ def models(tts_engine):
     llm.close()
 
 
-async def start_server(models, **telephony) -> LocalServer:
+async def start_server(models, max_sessions: int = 4, **telephony) -> LocalServer:
     telephony.setdefault("liveness_timeout", 1.5)
-    return await LocalServer(models, telephony=TelephonyConfig(**telephony)).start()
+    return await LocalServer(models, max_sessions=max_sessions, telephony=TelephonyConfig(**telephony)).start()
 
 
 @pytest.fixture
@@ -272,5 +273,31 @@ async def test_webhook_options_are_validated_and_telnyx_needs_its_key(models):
         status, body = await twilio.dial({"mode": "sing"})
         assert status == 400 and "mode" in body
         await twilio.close()
+    finally:
+        await server.stop()
+
+
+async def test_phone_calls_count_against_the_shared_session_cap(models):
+    server = await start_server(models, max_sessions=1)
+    try:
+        first = CarrierPeer(server.base_url)
+        assert (await first.dial({"mode": "tts"}))[0] == 200
+        second = CarrierPeer(server.base_url)
+        assert (await second.dial({"mode": "tts"}))[0] == 200  # admitted before the first call streams
+        await first.connect()
+        await wait_until(lambda: phone_call(server, first) is not None, 10, "the first call")
+        async with aiohttp.ClientSession() as http:
+            async with http.get(server.base_url + "/v1/realtime/config") as resp:
+                assert (await resp.json())["calls"] == {"active": 1, "max": 1}
+        # Full: a new webhook is told so (503), and an admitted stream over the cap is closed.
+        third = CarrierPeer(server.base_url)
+        assert (await third.dial({"mode": "tts"}))[0] == 503
+        await second.connect()
+        await wait_until(lambda: second.closed.is_set(), 10, "the stream over the cap to be closed")
+        assert second.ws.close_code == 1011 and phone_call(server, second) is None
+        await first.stop()
+        await wait_until(lambda: not server.calls, 5, "the slot to free")
+        assert (await third.dial({"mode": "tts"}))[0] == 200
+        await asyncio.gather(second.close(), third.close())
     finally:
         await server.stop()

@@ -116,6 +116,8 @@ async def twilio_voice(request: web.Request) -> web.Response:
         options = _options(request)
     except OptionsError as exc:
         return _refuse(400, str(exc))
+    if (busy := _not_ready(request)) is not None:
+        return busy
     token = request.app[TOKENS].issue(form.get("CallSid"))
     response = VoiceResponse()
     connect = Connect()
@@ -125,6 +127,18 @@ async def twilio_voice(request: web.Request) -> web.Response:
     stream.parameter(name=TOKEN_PARAM, value=token)
     response.append(connect)
     return web.Response(text=str(response), content_type="application/xml")
+
+
+def _not_ready(request: web.Request) -> web.Response | None:
+    """A call the server cannot take now is refused at the webhook (the carrier plays its error)."""
+    services = request.app[MODELS]
+    if getattr(services, "asr", None) is None or getattr(services, "vad", None) is None:
+        return _refuse(503, "the speech models are still loading" if getattr(services, "loading", False)
+                       else "phone calls need the ASR and VAD models, which are not loaded")
+    registry = request.app[CALLS]
+    if registry.active >= registry.max_calls:
+        return _refuse(503, f"the server is at its limit of {registry.max_calls} concurrent calls")
+    return None
 
 
 def _webhook_key_ok(request: web.Request) -> bool:
@@ -140,6 +154,8 @@ async def telnyx_voice(request: web.Request) -> web.Response:
         options = _options(request)
     except OptionsError as exc:
         return _refuse(400, str(exc))
+    if (busy := _not_ready(request)) is not None:
+        return busy
     token = request.app[TOKENS].issue(None)
     response = VoiceResponse()
     connect = Connect()
@@ -157,6 +173,8 @@ async def plivo_voice(request: web.Request) -> web.Response:
         options = _options(request)
     except OptionsError as exc:
         return _refuse(400, str(exc))
+    if (busy := _not_ready(request)) is not None:
+        return busy
     token = request.app[TOKENS].issue(None)
     root = ElementTree.Element("Response")
     stream = ElementTree.SubElement(root, "Stream", bidirectional="true", keepCallAlive="true",
