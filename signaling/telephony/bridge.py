@@ -30,7 +30,7 @@ from signaling.telephony.playback import CarrierPlayback
 
 log = logging.getLogger(__name__)
 
-KEEP_EVENTS = 512  # recent conversation events kept for GET-style inspection and tests
+KEEP_EVENTS = 512  # recent conversation events, kept for diagnostics and tests
 
 
 class PhoneCall:
@@ -179,8 +179,3 @@ class PhoneCall:
             return
         with contextlib.suppress(ConnectionResetError):
             await self.ws.send_str(json.dumps(message, separators=(",", ":")))
-
-    def stats(self) -> dict[str, Any]:
-        return {"call_id": self.id, "carrier": self.dialect.name, "carrier_call_id": self.start.call_id,
-                "stream_id": self.start.stream_id, "media_in": self.media_in, "skipped": self.skipped,
-                "playback": vars(self.playback.stats).copy()}
