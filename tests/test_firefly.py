@@ -159,6 +159,9 @@ def test_loader_is_strict(state, tmp_path):
         load_firefly(wrong)
     with pytest.raises(CodecCheckpointError, match="lack"):
         load_firefly({"something.else": torch.zeros(1)})
+    no_fsq = {k: v for k, v in state.items() if ".residual_fsq." not in k}
+    with pytest.raises(CodecCheckpointError, match="no FSQ groups"):
+        load_firefly(no_fsq)
     (tmp_path / "bad.pth").write_bytes(b"not a pickle")
     with pytest.raises(CodecCheckpointError):
         load_firefly(tmp_path / "bad.pth")

@@ -99,6 +99,8 @@ class FireflyConfig:
         groups = 0
         while f"quantizer.residual_fsq.rvqs.{groups}.project_in.weight" in state:
             groups += 1
+        if not groups:
+            raise CodecCheckpointError("Firefly codec weights hold no FSQ groups (quantizer.residual_fsq.rvqs.*)")
         values: dict = {"n_mels": stem[1], "backbone_dims": tuple(dims), "backbone_depths": tuple(depths),
                         "fsq_groups": groups,
                         "head_initial_channels": shape("head.conv_pre.conv")[0]}
