@@ -2,7 +2,7 @@
 
 The codec follows the family: S1-mini and S2-Pro ship the modded DAC (`codec.pth`),
 fish-speech-1.5 the Firefly VQGAN (`firefly-gan-vq-fsq-8x1024-21hz-generator.pth`). Both have
-the same public surface (`AnyCodec`)."""
+the same public surface (`engine.fish.audio_codec.AudioCodec`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
+from engine.fish.audio_codec import AudioCodec
 from engine.fish.checkpoint import CheckpointError, resolve_checkpoint
-from engine.fish.codec import Codec, load_codec
+from engine.fish.codec import load_codec
 from engine.fish.config import DualARConfig, load_config
 from engine.fish.firefly import FireflyCodec, find_firefly_file, load_firefly
 from engine.fish.dual_ar import DualARTransformer
@@ -22,8 +23,6 @@ from engine.fish.dual_ar_loader import load_dual_ar
 from engine.fish.tokenizer import FishTokenizer
 
 log = logging.getLogger(__name__)
-
-AnyCodec = Codec | FireflyCodec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -60,7 +59,7 @@ class FishModels:
     tokenizer: FishTokenizer
     model: DualARTransformer
     runner: DualARRunner
-    codec: AnyCodec
+    codec: AudioCodec
     device: torch.device
     dtype: torch.dtype
 
@@ -70,7 +69,7 @@ class FishModels:
 
 
 def load_codec_only(checkpoint: str | Path, device: str | None = None,
-                    dtype: str | torch.dtype | None = None) -> AnyCodec:
+                    dtype: str | torch.dtype | None = None) -> AudioCodec:
     """The directory's codec: the Firefly generator file if there is one, else codec.pth."""
     directory = resolve_checkpoint(checkpoint)
     dev = pick_device(device)
