@@ -16,18 +16,23 @@ are checked on the transcript (the real LLM); reply audio for presence, format a
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import time
+import types
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import speechkit
 
+ROOT = Path(__file__).resolve().parent.parent
+
 lk_openai = pytest.importorskip("livekit.plugins.openai", reason="livekit-plugins-openai is not installed "
                                 "(pip install -e '.[test]')")
 from livekit import rtc  # noqa: E402 - after the skip check
-from livekit.agents import APIConnectOptions, llm  # noqa: E402
+from livekit.agents import APIConnectionError, APIConnectOptions, llm  # noqa: E402
 
 API_KEY = "livekit-test-key"
 QUESTION = "What is the capital of France?"
@@ -60,11 +65,13 @@ async def server(tiny_checkpoint, tmp_path_factory):
                         api_key=API_KEY, max_new_tokens_limit=24)
     runner = web.AppRunner(create_app(settings))
     await runner.setup()  # loads the models
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    runner.base_url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-    yield runner
-    await runner.cleanup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        yield types.SimpleNamespace(app=runner.app, settings=settings,
+                                    base_url=f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}")
+    finally:
+        await runner.cleanup()
 
 
 @pytest.fixture
@@ -159,11 +166,46 @@ async def test_pushed_speech_is_transcribed_and_answered(realtime):
     assert messages(session)[-1] == ("assistant", reply.text)
 
 
-async def test_a_wrong_key_is_refused_and_reported(realtime):
-    session = realtime(api_key="not-the-key", conn_options=APIConnectOptions(max_retry=0, timeout=5))
+async def test_a_wrong_key_is_refused_and_reported(server):
+    model = lk_openai.realtime.RealtimeModel(base_url=f"{server.base_url}/v1", api_key="not-the-key",
+                                             conn_options=APIConnectOptions(max_retry=0, timeout=5))
+    session = model.session()
     errors: asyncio.Queue[llm.RealtimeModelError] = asyncio.Queue()
     session.on("error", errors.put_nowait)
-    error = await asyncio.wait_for(errors.get(), 15)
-    assert not error.recoverable
-    handshake = error.error.__cause__
-    assert getattr(handshake, "status", None) == 401, repr(handshake)
+    try:
+        error = await asyncio.wait_for(errors.get(), 15)
+        assert not error.recoverable
+        handshake = error.error.__cause__
+        assert getattr(handshake, "status", None) == 401, repr(handshake)
+    finally:
+        with pytest.raises(APIConnectionError):  # the session ended on that error, and says so
+            await session.aclose()
+        await model.aclose()
+
+
+def _worker_example(monkeypatch, base_url: str):
+    """examples/livekit_worker.py, imported as LiveKit's worker process would (its settings from env)."""
+    monkeypatch.setenv("FISHVOICE_URL", base_url)
+    monkeypatch.setenv("FISHVOICE_API_KEY", API_KEY)
+    spec = importlib.util.spec_from_file_location("livekit_worker", ROOT / "examples" / "livekit_worker.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+async def test_the_worker_examples_agent_session_answers_and_reports_load(server, monkeypatch):
+    """The example's own model and agent inside LiveKit's AgentSession (its whole turn machinery,
+    minus a room: text in, the reply's transcript out), and its load figure from our /health."""
+    from livekit.agents import AgentSession
+
+    worker = _worker_example(monkeypatch, server.base_url)
+    loop = asyncio.get_running_loop()
+    idle = await loop.run_in_executor(None, worker.fishvoice_load)  # LiveKit calls it off the loop, too
+    async with AgentSession(llm=worker.realtime_model()) as session:
+        await session.start(worker.assistant())
+        result = await asyncio.wait_for(session.run(user_input=QUESTION), 90)
+        busy = await loop.run_in_executor(None, worker.fishvoice_load)  # its WebSocket session is open
+    replies = [e.item.text_content for e in result.events if e.type == "message" and e.item.role == "assistant"]
+    assert replies and "paris" in replies[0].lower(), result.events
+    cap = server.settings.max_sessions
+    assert (idle, busy) == (0.0, 1 / cap), (idle, busy)
