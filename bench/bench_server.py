@@ -137,7 +137,7 @@ def main() -> None:
             engine_first_chunk(engine, args.frames, 2)  # warm-up
             with LiveServer(settings, Services(tts=engine)) as live:
                 job_first_chunk(live.url, args.frames, 2)
-                print(f"checkpoint {checkpoint} on {engine.fish.models.device}/{engine.fish.models.dtype}, "
+                print(f"checkpoint {checkpoint} on {engine.models.device}/{engine.models.dtype}, "
                       f"{args.frames} frames per request")
                 print(f"first chunk  engine        {ms(engine_first_chunk(engine, args.frames, args.runs))}")
                 print(f"first chunk  /run+/stream  {ms(job_first_chunk(live.url, args.frames, args.runs))}")

@@ -21,8 +21,8 @@ from pydantic import ValidationError
 
 from engine.audio import encode_audio, float_to_pcm16, mime_type
 from engine.speech.types import Reference, SamplingOptions, TTSRequest
-from server.handler import (SpeechPiece, TurnResult, named_voice, precheck_job, frame_limit, parse_job_input,
-                            probe_audio, run_turn)
+from server.jobs.input import named_voice, prepare_job, probe_audio
+from server.jobs.turn import SpeechPiece, TurnResult, frame_limit, run_turn
 from server.http import CONVERSATIONS, SERVICES, SETTINGS, fish_error, read_structured, requires_key
 from server.references import VoiceError, check_id
 from server.schema import RequestError, ServeTTSRequest, describe_validation_error
@@ -99,8 +99,7 @@ async def _turn_pcm(turn: AsyncIterator[SpeechPiece | TurnResult]) -> AsyncItera
 async def _tts_job_shaped(request: web.Request, job_input: Any) -> web.StreamResponse:
     """`{"input": {...}}` on /v1/tts: the job handler, answered with audio instead of a job."""
     services, settings = request.app[SERVICES], request.app[SETTINGS]
-    job = parse_job_input(job_input, services, settings)
-    await precheck_job(job, services, settings)
+    job = await prepare_job(job_input, services, settings)
     sample_rate = services.require_tts().sample_rate
     turn = run_turn(job, services, settings, request.app[CONVERSATIONS])
     if job.input.streaming:

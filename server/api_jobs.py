@@ -1,7 +1,8 @@
 """The RunPod-compatible job API: /run, /runsync, /status, /stream, /cancel, /retry, /purge-queue,
 /health.
 
-Handlers only translate HTTP: validation lives in server.handler, queueing in server.jobs.
+Handlers only translate HTTP: validation and decoding live in server.jobs.input, queueing in
+server.jobs.manager.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from server.handler import precheck_job, parse_job_input
+from server.jobs.input import prepare_job
 from server.http import JOBS, SERVICES, SETTINGS, job_error, read_json, requires_key
 from server.jobs import FINAL_STATES, NotRetryable, QueueFull
 from server.schema import JobRequest, RequestError, describe_validation_error
@@ -36,13 +37,13 @@ async def _accept(request: web.Request, id_prefix: str = "") -> str:
         raise RequestError(400, f"invalid request: {describe_validation_error(exc)} "
                                 "(send {\"input\": {...}})") from None
     services, settings = request.app[SERVICES], request.app[SETTINGS]
-    job = parse_job_input(envelope.input, services, settings)
-    await precheck_job(job, services, settings)
+    job = await prepare_job(envelope.input, services, settings)
     timeout = None
     if envelope.policy is not None and envelope.policy.executionTimeout:
         timeout = envelope.policy.executionTimeout / 1000.0
     return await request.app[JOBS].submit(envelope.input, streaming=job.input.streaming, timeout=timeout,
-                                          id_prefix=id_prefix, webhook=envelope.webhook)
+                                          id_prefix=id_prefix, webhook=envelope.webhook,
+                                          prepared=job, prepared_bytes=job.nbytes)
 
 
 def _refused(exc: Exception) -> web.Response:
@@ -138,7 +139,18 @@ def model_state(request: web.Request) -> dict[str, Any]:
 async def health(request: web.Request) -> web.Response:
     """Job and worker counts (RunPod's shape) plus the model state; never needs the API key."""
     body = await request.app[JOBS].health()
-    return web.json_response({**body, **model_state(request)})
+    return web.json_response({**body, **model_state(request), "realtime": realtime_sessions(request.app)})
+
+
+def realtime_sessions(app: web.Application) -> dict[str, int]:
+    """Live realtime sessions (WebRTC and WebSocket) against the cap, so a dispatcher can route."""
+    from signaling.routes import CALLS
+
+    registry = app.get(CALLS)
+    if registry is None:
+        return {"active": 0, "max": 0, "available": 0}
+    return {"active": registry.active, "max": registry.max_calls,
+            "available": max(registry.max_calls - registry.active, 0)}
 
 
 async def ping(request: web.Request) -> web.Response:

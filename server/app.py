@@ -18,7 +18,7 @@ from aiohttp import web
 import signaling
 from server import api_fish, api_jobs
 from server.conversations import ConversationStore
-from server.handler import handle_job
+from server.jobs.handler import handle_job
 from server.http import (CONVERSATIONS, JOBS, SERVICES, SETTINGS, auth_middleware, body_limit, install_cors)
 from server.jobs import JobManager, JobStore
 from server.services import Services, load_services
@@ -38,7 +38,7 @@ def create_app(settings: Settings, services: Services | None = None) -> web.Appl
     app[CONVERSATIONS] = conversations
     app[JOBS] = JobManager(
         JobStore(settings.jobs_db),
-        lambda job_input: handle_job(job_input, app[SERVICES], settings, conversations),
+        lambda job_input, prepared: handle_job(job_input, app[SERVICES], settings, conversations, prepared),
         queue_size=settings.queue_size, concurrency=settings.concurrent_jobs,
         execution_timeout=settings.execution_timeout, result_ttl=settings.result_ttl,
         on_janitor=conversations.purge_expired, webhook_retry_delay=settings.webhook_retry_delay)

@@ -142,7 +142,7 @@ def run_local(job_input: dict[str, Any], checkpoint: str | None) -> dict[str, An
     import asyncio
 
     from server.conversations import ConversationStore
-    from server.handler import handle_job
+    from server.jobs.handler import handle_job
     from server.services import load_services_sync
     from server.settings import Settings
 

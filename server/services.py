@@ -71,7 +71,7 @@ class Services:
         return out
 
     async def aclose(self) -> None:
-        if self.tts is not None and hasattr(self.tts, "close"):
+        if self.tts is not None:
             self.tts.close()
         if self.asr is not None:
             self.asr.close()

@@ -24,8 +24,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from server.conversations import ConversationStore
-from server.handler import handle_job
-from server.jobs.manager import stream_summary
+from server.jobs.handler import handle_job
+from server.jobs.output import stream_summary
 from server.services import Services, load_services_sync
 from server.settings import Settings
 

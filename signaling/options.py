@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from engine.agent.conversation import TurnDetection
 from engine.speech.types import Reference, SamplingOptions
+from signaling.audio_formats import AudioFormat
 
 if TYPE_CHECKING:
     from signaling.host import RealtimeModels
@@ -58,11 +59,17 @@ class SessionOptions:
     sampling: dict[str, Any] = dataclasses.field(default_factory=dict)
     max_output_tokens: int | None = None
     llm_temperature: float | None = None
+    voice_echo: Any = None  # the voice as the client wrote it (a name, or {"id": ...}), reported back
+    input_format: AudioFormat | None = None  # WebSocket sessions: the audio the client appends
+    output_format: AudioFormat | None = None  # WebSocket sessions: the audio deltas it gets
+    output_modalities: tuple[str, ...] | None = None  # ("audio",) or ("text",)
+    model: str | None = None  # any name; reported back, the loaded checkpoint answers
 
     def merged(self, later: SessionOptions) -> SessionOptions:
         """These options, overridden by `later` wherever it sets something."""
         out = dataclasses.replace(self, sampling={**self.sampling, **later.sampling})
-        for field in ("mode", "voice_id", "instructions", "max_output_tokens", "llm_temperature"):
+        for field in ("mode", "voice_id", "instructions", "max_output_tokens", "llm_temperature", "voice_echo",
+                      "input_format", "output_format", "output_modalities", "model"):
             if getattr(later, field) is not None:
                 setattr(out, field, getattr(later, field))
         if later.turn_detection != KEEP:
@@ -104,8 +111,9 @@ def _turn_detection(value: Any, base: TurnDetection, param: str) -> TurnDetectio
     if not isinstance(value, Mapping):
         raise OptionsError(param, "must be an object or null")
     kind = value.get("type", "server_vad")
-    if kind != "server_vad":
-        raise OptionsError(f"{param}.type", f"only 'server_vad' (or null for manual turns) is supported, got {kind!r}")
+    # semantic_vad is accepted and served by the same silence-based detector (its parameters apply).
+    if kind not in ("server_vad", "semantic_vad"):
+        raise OptionsError(f"{param}.type", f"'server_vad', 'semantic_vad' or null (manual turns), got {kind!r}")
     changes = {k: _coerce(k, value[k], t) for k, t in _TURN_FIELDS.items() if value.get(k) is not None}
     return dataclasses.replace(base, **changes)
 
@@ -138,8 +146,28 @@ def from_session(session: Mapping[str, Any], current: TurnDetection | None = Non
     inputs = audio.get("input") if isinstance(audio.get("input"), Mapping) else {}
     for param, holder, key in (("reference_id", session, "reference_id"), ("voice", session, "voice"),
                                ("audio.output.voice", output, "voice")):
+        value = holder.get(key)
+        if value is not None:
+            out.voice_echo = value
+            if isinstance(value, Mapping):  # GA custom voice: {"id": "<reference id>"}
+                value = value.get("id")
+            out.voice_id = _text(param, value, 200).strip() or None
+    for param, holder, key, attr in (("audio.input.format", inputs, "format", "input_format"),
+                                     ("input_audio_format", session, "input_audio_format", "input_format"),
+                                     ("audio.output.format", output, "format", "output_format"),
+                                     ("output_audio_format", session, "output_audio_format", "output_format")):
         if holder.get(key) is not None:
-            out.voice_id = _text(param, holder[key], 200).strip() or None
+            try:
+                setattr(out, attr, AudioFormat.parse(holder[key]))
+            except ValueError as exc:
+                raise OptionsError(param, str(exc)) from None
+    modalities = session.get("output_modalities", session.get("modalities"))
+    if modalities is not None:
+        if not isinstance(modalities, list) or not modalities or not set(modalities) <= {"audio", "text"}:
+            raise OptionsError("output_modalities", 'must be ["audio"] or ["text"]')
+        out.output_modalities = ("audio",) if "audio" in modalities else ("text",)
+    if session.get("model") is not None:
+        out.model = _text("model", session["model"], 200)
     base = current or TurnDetection()
     for param, holder in (("turn_detection", session), ("audio.input.turn_detection", inputs)):
         if "turn_detection" in holder:
@@ -165,7 +193,7 @@ def from_session(session: Mapping[str, Any], current: TurnDetection | None = Non
 def from_query(query: Mapping[str, str]) -> SessionOptions:
     """The call URL's query parameters -> options (flat names; see the module docstring)."""
     session: dict[str, Any] = {}
-    for key in ("mode", "instructions", "voice", "reference_id"):
+    for key in ("mode", "instructions", "voice", "reference_id", "model"):
         if query.get(key):
             session[key] = query[key]
     turn: dict[str, Any] = {}
@@ -216,19 +244,33 @@ async def resolve_voice(services: "RealtimeModels", voice_id: str) -> tuple[Refe
     return refs
 
 
+OPUS = {"type": "audio/opus", "rate": 48000}
+
+
 def describe(mode: str, voice_id: str | None, instructions: str, turn: TurnDetection | None,
-             sampling: SamplingOptions) -> dict[str, Any]:
-    """The session as reported in session.created / session.updated."""
+             sampling: SamplingOptions, *, session_id: str | None = None, model: str | None = None,
+             voice: Any = None, input_format: dict[str, Any] = OPUS, output_format: dict[str, Any] = OPUS,
+             output_modalities: tuple[str, ...] = ("audio",)) -> dict[str, Any]:
+    """The session as reported in session.created / session.updated (GA shape; `mode` and
+    `sampling` are our extensions, also gathered under `fishvoice`)."""
     turn_detection = None if turn is None else {"type": "server_vad", **dataclasses.asdict(turn)}
-    return {
+    voice = voice if voice is not None else voice_id
+    out = {
         "type": "realtime",
         "object": "realtime.session",
         "mode": mode,
         "instructions": instructions,
-        "voice": voice_id,
-        "output_modalities": ["audio"],
-        "audio": {"input": {"format": {"type": "audio/opus", "rate": 48000}, "turn_detection": turn_detection},
-                  "output": {"format": {"type": "audio/opus", "rate": 48000}, "voice": voice_id}},
+        "voice": voice,
+        "output_modalities": list(output_modalities),
+        "audio": {"input": {"format": input_format, "turn_detection": turn_detection,
+                            "transcription": {"model": "whisper"}},
+                  "output": {"format": output_format, "voice": voice}},
         "turn_detection": turn_detection,
         "sampling": dataclasses.asdict(sampling),
+        "fishvoice": {"mode": mode, "reference_id": voice_id, "sampling": dataclasses.asdict(sampling)},
     }
+    if session_id is not None:
+        out["id"] = session_id
+    if model is not None:
+        out["model"] = model
+    return out

@@ -2,7 +2,8 @@
 
   POST   /v1/realtime/calls            SDP offer (application/sdp, or multipart `sdp` + `session`)
                                        -> 201, SDP answer, Location: /v1/realtime/calls/{call_id}
-  POST   /v1/realtime                  the beta path, same behaviour
+  GET    /v1/realtime                  WebSocket: the OpenAI Realtime GA events (signaling.websocket)
+  POST   /v1/realtime                  the beta WebRTC path, same behaviour as /v1/realtime/calls
   DELETE /v1/realtime/calls/{call_id}  hang up (also POST .../{call_id}/hangup)
   GET    /v1/realtime/calls/{call_id}  the call's state and audio statistics
   GET    /v1/realtime/config           ICE servers and modes for browser clients
@@ -30,7 +31,10 @@ from signaling.host import RealtimeConfig, RealtimeModels
 from signaling.ice import ice_servers_for_browser
 from signaling.options import OptionsError, SessionOptions, from_query, from_session
 from signaling.registry import CallRegistry
+from signaling.configure import build_conversation
+from signaling.protocol import MAX_AUDIO_MESSAGE_BYTES
 from signaling.session import PeerCall
+from signaling.websocket import HEARTBEAT_SECONDS, SUBPROTOCOL, RealtimeSocket, subprotocol_key
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,7 @@ def install(app: web.Application, *, services: RealtimeModels, config: RealtimeC
     r = app.router
     r.add_post(CALLS_PATH, create_call)
     r.add_post("/v1/realtime", create_call)
+    r.add_get("/v1/realtime", realtime_socket)
     r.add_get(CALLS_PATH + "/{call_id}", get_call)
     r.add_delete(CALLS_PATH + "/{call_id}", hang_up)
     r.add_post(CALLS_PATH + "/{call_id}/hangup", hang_up)
@@ -77,12 +82,16 @@ def error_response(status: int, code: str, message: str, *, type_: str | None = 
     return web.json_response(body, status=status, headers=headers)
 
 
-def _unauthorized(request: web.Request) -> web.Response | None:
+def _unauthorized(request: web.Request, *, offered: str | None = None) -> web.Response | None:
+    """401 unless the request carries the API key (`offered`: a key sent another way, e.g. as a
+    WebSocket subprotocol by a browser)."""
     key = request.app[CONFIG].api_key
     if not key:
         return None
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), str(key).encode()):
+        return None
+    if offered is not None and hmac.compare_digest(offered.encode(), str(key).encode()):
         return None
     return error_response(401, "invalid_api_key", "missing or wrong API key: send Authorization: Bearer KEY")
 
@@ -110,6 +119,8 @@ def _cors_middleware(origins: tuple[str, ...]):
                 response = await handler(request)
             except web.HTTPException as exc:
                 response = exc
+            if isinstance(response, web.WebSocketResponse):
+                return response  # already sent (and browsers send no CORS checks for WebSockets)
         if allowed:
             response.headers["Access-Control-Allow-Origin"] = origin  # type: ignore[assignment]
             response.headers["Access-Control-Expose-Headers"] = "Location"
@@ -167,6 +178,38 @@ async def create_call(request: web.Request) -> web.Response:
     log.info("call %s answered (%d live)", call.id, len(registry.calls))
     return web.Response(status=201, text=call.answer, content_type="application/sdp",
                         headers={"Location": f"{CALLS_PATH}/{call.id}"})
+
+
+async def realtime_socket(request: web.Request) -> web.StreamResponse:
+    """GET /v1/realtime: a WebSocket session (refusals come as HTTP errors before the upgrade)."""
+    if request.headers.get("Upgrade", "").lower() != "websocket":
+        return error_response(426, "websocket_required", "GET /v1/realtime opens a WebSocket (Upgrade: websocket); "
+                                                         "POST an SDP offer to /v1/realtime/calls for WebRTC")
+    if (denied := _unauthorized(request, offered=subprotocol_key(request))) is not None:
+        return denied
+    registry = request.app[CALLS]
+    services, config = request.app[MODELS], request.app[CONFIG]
+    try:
+        options = from_query(request.query)
+        async with registry.reserve():
+            conversation = await build_conversation(services, config, options)
+            ws = web.WebSocketResponse(protocols=(SUBPROTOCOL,), heartbeat=HEARTBEAT_SECONDS,
+                                       max_msg_size=MAX_AUDIO_MESSAGE_BYTES + 64 * 1024)
+            try:
+                await ws.prepare(request)
+            except BaseException:
+                await conversation.close()
+                raise
+            session = RealtimeSocket(ws, services=services, config=config, registry=registry,
+                                     conversation=conversation, options=options)
+            registry.add(session)
+    except OptionsError as exc:
+        return error_response(400, "invalid_value", str(exc), param=exc.param)
+    except CallError as exc:
+        return error_response(exc.status, exc.code, str(exc), param=exc.param)
+    log.info("realtime session %s opened over WebSocket (%d live)", session.id, len(registry.calls))
+    await session.run()
+    return ws
 
 
 def _find_call(request: web.Request) -> PeerCall | web.Response:

@@ -34,6 +34,7 @@ from signaling.host import CallLimits, RealtimeConfig, RealtimeModels
 from signaling.ice import ice_configuration
 from signaling.offer import check_offer
 from signaling.options import SessionOptions
+from signaling.protocol.ga import RealtimeEvents
 from signaling.registry import CallRegistry
 from signaling.tracks import InboundAudio, OutboundAudioTrack
 
@@ -53,7 +54,9 @@ class PeerCall:
         self.events = ev.ServerEvents(self.t0)
         self.channel = EventChannel(on_open=self._session_created)
         self.control = RealtimeControl(session_id=self.id, conversation=conversation, services=services,
-                                       events=self.events, send=self.send, voice_id=options.voice_id)
+                                       events=self.events, send=self.send, options=options,
+                                       model=config.model_name)
+        self.realtime = RealtimeEvents(self.events, transport="webrtc", session_id=self.id)
         self.control.hooks[ev.OutputAudioBufferClear] = self._clear_output
         self.pc = RTCPeerConnection(ice_configuration(list(config.ice_servers)))
         self.outbound = OutboundAudioTrack(on_played=conversation.mark_played)
@@ -160,7 +163,8 @@ class PeerCall:
             elif isinstance(item, ConversationEvent):
                 if isinstance(item, ResponseDone):
                     self.outbound.end_response(item.response_id)
-                self.send(self.events.from_conversation(item))
+                for event in self.realtime.conversation_event(item):
+                    self.send(event)
 
     async def _handle_client_events(self) -> None:
         while True:

@@ -8,9 +8,8 @@ events is deterministic; values that depend on the clock are replaced by their t
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
-
-import numpy as np
 
 import speechkit
 
@@ -52,8 +51,8 @@ def condense(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 async def run_script(session, wire, *, audio_kinds) -> list[dict[str, Any]]:
-    """Drive `session` through the script; `wire(item)` maps one pipeline output to the wire dict
-    (None for audio), `audio_kinds(item)` names audio outputs ("audio" / "clear")."""
+    """Drive `session` through the script; `wire(item)` maps one conversation event to its wire
+    events, `audio_kinds(item)` names audio outputs ("audio" / "clear")."""
     records: list[dict[str, Any]] = []
     cancelled: set[str] = set()
 
@@ -64,15 +63,15 @@ async def run_script(session, wire, *, audio_kinds) -> list[dict[str, Any]]:
                 if kind is not None:
                     records.append({"kind": kind, "response_id": getattr(item, "response_id", None)})
                     continue
-                event = wire(item)
-                if event["type"] == "conversation.item.truncated" or (
-                        event["type"] == "response.done" and event["response"]["status"] == "cancelled"):
-                    cancelled.add(event.get("response_id"))
-                volatile = event.get("response_id") in cancelled and event["type"] in (
-                    "conversation.item.truncated", "response.done", "response.output_audio_transcript.done")
-                records.append(normalise(event, volatile_text=volatile))
-                if predicate(event):
-                    return
+                for event in wire(item):
+                    if event["type"] == "conversation.item.truncated" or (
+                            event["type"] == "response.done" and event["response"]["status"] == "cancelled"):
+                        cancelled.add(event.get("response_id"))
+                    volatile = event.get("response_id") in cancelled and event["type"] in (
+                        "conversation.item.truncated", "response.done", "response.output_audio_transcript.done")
+                    records.append(normalise(event, volatile_text=volatile))
+                    if predicate(event):
+                        return
         await asyncio.wait_for(run(), timeout)
 
     def is_type(kind):
@@ -97,5 +96,27 @@ async def run_script(session, wire, *, audio_kinds) -> list[dict[str, Any]]:
     return condense(records)
 
 
-def silence(seconds: float) -> np.ndarray:
-    return np.zeros(int(seconds * speechkit.SAMPLE_RATE), np.float32)
+def canonical_ids(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Ids are opaque: rename each (item_, resp_, event_) by its order of first appearance, so two
+    runs compare equal when they refer to the same things in the same places."""
+    names: dict[str, str] = {}
+
+    def rename(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: rename(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [rename(v) for v in value]
+        if isinstance(value, str) and re.fullmatch(r"(item|resp|event)_\w+", value):
+            prefix = value.split("_", 1)[0]
+            names.setdefault(value, f"<{prefix} {sum(n.startswith('<' + prefix) for n in names.values()) + 1}>")
+            return names[value]
+        return value
+
+    return [rename(r) for r in records]
+
+
+def contains(got: Any, want: Any) -> bool:
+    """Every field of `want` is in `got` with the same value (new fields may be added)."""
+    if isinstance(want, dict):
+        return isinstance(got, dict) and all(k in got and contains(got[k], v) for k, v in want.items())
+    return got == want

@@ -33,8 +33,14 @@ class FailsOnCue:
     def sample_rate(self) -> int:
         return self.engine.sample_rate
 
-    async def encode_reference(self, audio: bytes, *, use_memory_cache: bool = True):
-        return await self.engine.encode_reference(audio, use_memory_cache=use_memory_cache)
+    def prepare_text(self, request):
+        return self.engine.prepare_text(request)
+
+    async def encode_reference(self, audio: bytes, *, use_memory_cache: bool = True, pcm=None):
+        return await self.engine.encode_reference(audio, use_memory_cache=use_memory_cache, pcm=pcm)
+
+    def close(self) -> None:
+        pass  # the wrapped engine is the session fixture's to close
 
     async def stream(self, request):
         fail_after = 0 if FAIL_NOW in request.text else 1 if FAIL_LATER in request.text else None

@@ -141,7 +141,7 @@ async def test_bad_input_gets_clear_errors(tts_engine):
 async def test_s2_family_synthesizes(tiny_s2_checkpoint):
     engine = TTSEngine.load(tiny_s2_checkpoint, device="cpu")
     try:
-        assert engine.fish.models.family == "s2-pro"
+        assert engine.models.family == "s2-pro"
         ref = Reference(text="A reference.", audio=_wav_bytes(0.6))
         chunks = await _collect(engine, TTSRequest(text="Hello from S2.", references=(ref,), sampling=GREEDY8))
         assert sum(c.frames for c in chunks) >= 1

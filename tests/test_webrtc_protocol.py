@@ -34,7 +34,7 @@ def test_each_client_event_parses_to_its_model():
 @pytest.mark.parametrize("message, code, param", [
     ("{not json", "invalid_json", None),
     ('["a list"]', "invalid_event", None),
-    ('{"type": "input_audio_buffer.append", "audio": "AAAA", "event_id": "e7"}', "unknown_event", "type"),
+    ('{"type": "transcription_session.update", "session": {}, "event_id": "e7"}', "unknown_event", "type"),
     ('{"type": "tts.request", "text": ""}', "invalid_value", "text"),
     ('{"type": "tts.request", "text": "hi", "sampling": {"top_p": 1.5}}', "invalid_value", "sampling.top_p"),
     ('{"type": "tts.request", "text": "hi", "sampling": {"beam": 3}}', "invalid_value", "sampling.beam"),
@@ -110,7 +110,7 @@ def test_session_shapes_ga_and_beta():
 
 @pytest.mark.parametrize("session, param", [
     ({"mode": "karaoke"}, "mode"),
-    ({"turn_detection": {"type": "semantic_vad"}}, "turn_detection.type"),
+    ({"turn_detection": {"type": "loudness_vad"}}, "turn_detection.type"),
     ({"turn_detection": {"threshold": 1.5}}, "threshold"),
     ({"turn_detection": {"create_response": "maybe"}}, "create_response"),
     ({"sampling": {"top_k": 0}}, "top_k"),

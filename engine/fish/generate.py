@@ -14,8 +14,7 @@ import torch
 from torch import Tensor
 
 from engine.fish.dual_ar import DualARTransformer
-from engine.fish.sampling import (RAS_TEMPERATURE, RAS_TOP_P, RAS_WINDOW, REPETITION_WINDOW, apply_repetition_penalty,
-                       draw, filtered_probs)
+from engine.fish.sampling import REPETITION_WINDOW, RowSampling, exponential_noise, sample_rows
 from engine.fish.static_decode import StaticDecoder
 from engine.speech.types import SamplingOptions
 
@@ -142,12 +141,15 @@ class FrameGenerator:
         self._take_static_slot(max_new_tokens)
         if self.slot is None:
             self.slow_caches = runner.model.new_slow_caches(1, self.prompt_len + min(self.max_new_tokens, 512))
+            self.rows = RowSampling.of(sampling, runner.device)  # (a static slot keeps its own)
         self.position = 0  # next slow position to fill
         self.emitted = 0
         self.finished = False
         self.stop_reason: str | None = None
-        # Recent frames [token, c0..c_{K-1}] for RAS and the repetition penalty, newest last.
-        self.recent = torch.zeros(c.num_codebooks + 1, 0, dtype=torch.long, device=runner.device)
+        # Recent frames [token, c0..c_{K-1}] for RAS and the repetition penalty, newest last;
+        # -1 marks the places no frame has filled yet.
+        self.recent = torch.full((c.num_codebooks + 1, REPETITION_WINDOW), -1, dtype=torch.long,
+                                 device=runner.device)
         self.next_input = self.prompt.unsqueeze(0)
 
     def _take_static_slot(self, requested_new_tokens: int) -> None:
@@ -196,34 +198,8 @@ class FrameGenerator:
             self.runner.static.release(self.slot)
             self.slot = None
 
-    def sample_slow(self, logits: Tensor) -> int:
-        """Index into the runner's slow candidates."""
-        s, r = self.sampling, self.runner
-        if s.greedy:
-            return int(torch.argmax(logits))
-        previous = self.recent[0]
-        if s.repetition_penalty != 1.0 and previous.numel():
-            # Previous tokens are all semantic: map ids to candidate indices (0 is <|im_end|>).
-            idx = previous - r.config.semantic_begin_id + 1
-            logits = apply_repetition_penalty(logits, idx, s.repetition_penalty)
-        normal = int(draw(filtered_probs(logits, s.temperature, s.top_p, s.top_k), self.generator))
-        # RAS: a semantic token repeated within the window is replaced by a high-temperature draw.
-        high = int(draw(filtered_probs(logits, RAS_TEMPERATURE, RAS_TOP_P, s.top_k), self.generator))
-        token = int(r.slow_candidates[normal])
-        if token != r.im_end_id and bool((previous[-RAS_WINDOW:] == token).any()):
-            return high
-        return normal
-
-    def sample_fast(self, logits: Tensor, codebook: int) -> int:
-        s = self.sampling
-        if s.greedy:
-            return int(torch.argmax(logits))
-        if s.repetition_penalty != 1.0 and self.recent.size(1):
-            logits = apply_repetition_penalty(logits, self.recent[codebook + 1], s.repetition_penalty)
-        return int(draw(filtered_probs(logits, s.temperature, s.top_p, s.top_k), self.generator))
-
     def accept(self, frame: Tensor) -> None:
-        self.recent = torch.cat([self.recent, frame[:, None]], dim=1)[:, -REPETITION_WINDOW:]
+        self.recent = torch.cat([self.recent[:, 1:], frame[:, None]], dim=1)
         self.next_input = frame.view(1, -1, 1)
         self.emitted += 1
 
@@ -268,12 +244,14 @@ def _step_many(runner: DualARRunner, gens: list[FrameGenerator]) -> list[Tensor 
     hidden, normed = torch.cat(hidden_parts, dim=0), torch.cat(normed_parts, dim=0)  # (B, 1, dim)
 
     slow_logits = (normed[:, -1] @ runner.slow_head.T).float()
-    tokens, keep = [], []
-    for row, i in enumerate(order):
-        g = gens[i]
+    stepping = [gens[i] for i in order]
+    for row, g in enumerate(stepping):
         if g.dump is not None and g.dump.slow_logits is None:
             g.dump.slow_logits = (normed[row, -1] @ model.head_weight().T).float().cpu()
-        token = int(runner.slow_candidates[g.sample_slow(slow_logits[row])])
+    # Previous tokens are all semantic: as candidate indices they are id - begin + 1 (0 is <|im_end|>).
+    picked = _sample(stepping, slow_logits, 0, offset=1 - c.semantic_begin_id, ras=True)
+    tokens, keep = [], []
+    for row, (g, token) in enumerate(zip(stepping, runner.slow_candidates[picked].tolist())):
         if token == runner.im_end_id:
             g.finish("end")
         else:
@@ -287,22 +265,42 @@ def _step_many(runner: DualARRunner, gens: list[FrameGenerator]) -> list[Tensor 
     x = model.to_fast_input(hidden[rows], normed[rows])
     fast_caches = model.new_fast_caches(len(keep))
     model.forward_fast(x, fast_caches, 0)  # position 0 only fills the caches
-    codes = [[min(max(t - c.semantic_begin_id, 0), c.codebook_size - 1)] for t in tokens]
+    going = [stepping[row] for row in keep]
+    token_ids = torch.tensor(tokens, device=runner.device)
+    codes = [(token_ids - c.semantic_begin_id).clamp(0, c.codebook_size - 1)]
     for k in range(1, c.num_codebooks):
-        prev = torch.tensor([cs[-1] for cs in codes], device=runner.device)
-        out = model.forward_fast(model.fast_embeddings(prev).unsqueeze(1), fast_caches, k)
+        out = model.forward_fast(model.fast_embeddings(codes[-1]).unsqueeze(1), fast_caches, k)
         logits = (out[:, -1] @ runner.fast_head.T).float()
-        for j, row in enumerate(keep):
-            g = gens[order[row]]
+        for j, g in enumerate(going):
             if k == 1 and g.dump is not None and g.dump.fast_logits is None:
                 g.dump.fast_logits = (out[j, -1] @ model.fast_output.weight.T).float().cpu()
-            codes[j].append(g.sample_fast(logits[j], k))
+        codes.append(_sample(going, logits, k + 1))
+    frames = torch.stack([token_ids] + codes, dim=1)  # (B, K + 1): [token, c0..c_{K-1}] per row
     for j, row in enumerate(keep):
-        i = order[row]
-        frame = torch.tensor([tokens[j]] + codes[j], device=runner.device)
-        gens[i].accept(frame)
-        results[i] = frame[1:]
+        going[j].accept(frames[j])
+        results[order[row]] = frames[j, 1:]
     return results
+
+
+def _sample(gens: list[FrameGenerator], logits: Tensor, channel: int, offset: int = 0, ras: bool = False) -> Tensor:
+    """One pick per generator from its row of `logits`, given its recent ids in `channel` of its
+    recent frames (plus `offset` to make them indices into the logits); `ras` for the slow head."""
+    if all(g.sampling.greedy for g in gens):
+        return torch.argmax(logits, dim=-1)
+    recent = torch.stack([g.recent[channel] for g in gens])
+    rows = RowSampling.cat([g.rows for g in gens])
+    size = logits.size(-1)
+    # Each generator's draws in the order the per-request chain took them: the normal draw, then RAS's.
+    noise = [[_noise(g, size, logits.device) for _ in range(2 if ras else 1)] for g in gens]
+    ras_noise = torch.stack([n[1] for n in noise]) if ras else None
+    return sample_rows(logits, rows, torch.stack([n[0] for n in noise]), recent + offset, recent >= 0,
+                       ras_noise=ras_noise, ras_exempt=0 if ras else None)
+
+
+def _noise(g: FrameGenerator, size: int, device: torch.device) -> Tensor:
+    if g.sampling.greedy:  # a greedy row ignores its noise: leave its generator untouched
+        return torch.ones(size, device=device)
+    return exponential_noise((size,), g.generator, device)
 
 
 def _prefill(runner: DualARRunner, g: FrameGenerator) -> tuple[Tensor, Tensor]:

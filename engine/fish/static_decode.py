@@ -1,15 +1,15 @@
 """Decode frames with no host round trips: static KV caches in fixed slots, sampling on the
 device, and (on CUDA) the whole frame replayed as CUDA graphs.
 
-The dynamic path in `generate.py` reads every sampled token back to the host (one sync per
-codebook) and launches ~1,000 small kernels per frame; on a GPU that, not arithmetic, sets the
-frame rate. Here one frame is two fixed-shape functions over static buffers:
+The dynamic path in `generate.py` reads each frame's slow token back to the host before the
+fast transformer runs and launches ~1,000 small kernels per frame; on a GPU that, not
+arithmetic, sets the frame rate. Here one frame is two fixed-shape functions over static buffers:
 
 - `_slow(n, L)`: the slow transformer's decode step for the first n slots, attending over the
   first L cache positions (one capture per length bucket, so short sequences don't read the
   whole context; n is a power of two, so one busy request doesn't pay for four);
-- `_head(n)`: slow-token sampling (repetition penalty, top-p/top-k/temperature, RAS), the fast
-  transformer along the codebooks and their sampling, all on the device.
+- `_head(n)`: slow-token sampling (`sampling.sample_rows`, the chain the dynamic path uses too),
+  the fast transformer along the codebooks and their sampling, all on the device.
 
 Random draws stay exact per request: the host fills each slot's exponential noise with that
 request's own generator before the replay, so a seeded request gives the same codes whatever
@@ -23,17 +23,13 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from engine.fish.decode_protocols import DecodeRunner, SlotSequence
 from engine.fish.dual_ar import DualARTransformer, KVCache
-from engine.fish.sampling import (RAS_TEMPERATURE, RAS_TOP_P, RAS_WINDOW, REPETITION_WINDOW, apply_repetition_penalty,
-                       filtered_probs)
-
-if TYPE_CHECKING:
-    from engine.fish.generate import DualARRunner, FrameGenerator
+from engine.fish.sampling import REPETITION_WINDOW, RowSampling, sample_rows
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +39,7 @@ LENGTH_BUCKET = 512  # attention lengths are captured in multiples of this
 class StaticDecoder:
     """Up to `slots` concurrent sequences of at most `capacity` positions each, decoded together."""
 
-    def __init__(self, runner: DualARRunner, slots: int = 4, capacity: int | None = None,
+    def __init__(self, runner: DecodeRunner, slots: int = 4, capacity: int | None = None,
                  use_cuda_graphs: bool | None = None) -> None:
         model: DualARTransformer = runner.model
         c = model.config
@@ -69,12 +65,7 @@ class StaticDecoder:
         self.noise = torch.ones(slots, 2 * n_cand + (k - 1) * self.fast_vocab, device=dev)
         self.frame = torch.zeros(slots, k + 1, dtype=torch.long, device=dev)
         self.recent = torch.full((slots, k + 1, REPETITION_WINDOW), -1, dtype=torch.long, device=dev)
-        # --- per-slot sampling settings, written when a slot is taken
-        self.temperature = torch.ones(slots, 1, device=dev)
-        self.top_p = torch.ones(slots, 1, device=dev)
-        self.top_k = torch.ones(slots, 1, dtype=torch.long, device=dev)
-        self.penalty = torch.ones(slots, 1, device=dev)
-        self.greedy = torch.ones(slots, dtype=torch.bool, device=dev)
+        self.rows = RowSampling.ones(slots, dev)  # per-slot sampling settings, written when a slot is taken
         self.owner: list[weakref.ref | None] = [None] * slots  # weak: a dropped request frees its slot
         self.use_cuda_graphs = dev.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
@@ -85,25 +76,20 @@ class StaticDecoder:
     def fits(self, positions: int) -> bool:
         return positions <= self.capacity
 
-    def acquire(self, gen: FrameGenerator) -> int | None:
+    def acquire(self, gen: SlotSequence) -> int | None:
         """Give `gen` a free slot (its caches become views of the slot) or None if all are taken."""
         slot = next((s for s in range(self.slots) if self._owner(s) is None), None)
         if slot is None:
             return None
         self.owner[slot] = weakref.ref(gen)
-        s = gen.sampling
-        self.temperature[slot] = s.temperature
-        self.top_p[slot] = s.top_p
-        self.top_k[slot] = s.top_k
-        self.penalty[slot] = s.repetition_penalty
-        self.greedy[slot] = s.greedy
+        self.rows.write(slot, gen.sampling)
         self.recent[slot] = -1
         return slot
 
     def release(self, slot: int) -> None:
         self.owner[slot] = None
 
-    def _owner(self, slot: int) -> FrameGenerator | None:
+    def _owner(self, slot: int) -> SlotSequence | None:
         """A slot whose generator was dropped without finishing (a cancelled request) is free."""
         ref = self.owner[slot]
         return None if ref is None else ref()
@@ -133,20 +119,13 @@ class StaticDecoder:
         m, r, c = self.model, self.runner, self.config
         n_cand, fv = self.n_cand, self.fast_vocab
         hidden, normed, noise, recent = self.hidden[:n], self.normed[:n], self.noise[:n], self.recent[:n]
-        temperature, top_p, top_k, penalty = self.temperature[:n], self.top_p[:n], self.top_k[:n], self.penalty[:n]
-        greedy = self.greedy[:n]
+        rows = self.rows.head(n)
         recent_valid = recent >= 0
-        # Slow token, as FrameGenerator.sample_slow does it.
+        # Slow token. Previous tokens are all semantic: as candidate indices they are id - begin + 1.
         logits = (normed[:, -1] @ r.slow_head.T).float()
-        greedy_idx = torch.argmax(logits, dim=-1)
-        prev_idx = recent[:, 0] - c.semantic_begin_id + 1
-        pen = apply_repetition_penalty(logits, prev_idx, penalty, recent_valid[:, 0])
-        normal = torch.argmax(filtered_probs(pen, temperature, top_p, top_k) / noise[:, :n_cand], -1)
-        high = torch.argmax(filtered_probs(pen, RAS_TEMPERATURE, RAS_TOP_P, top_k) / noise[:, n_cand:2 * n_cand], -1)
-        normal_token = r.slow_candidates[normal]
-        repeated = ((recent[:, 0, -RAS_WINDOW:] == normal_token[:, None]) & recent_valid[:, 0, -RAS_WINDOW:]).any(-1)
-        sampled = torch.where(repeated & (normal_token != r.im_end_id), high, normal)
-        token = r.slow_candidates[torch.where(greedy, greedy_idx, sampled)]
+        picked = sample_rows(logits, rows, noise[:, :n_cand], recent[:, 0] - c.semantic_begin_id + 1,
+                             recent_valid[:, 0], ras_noise=noise[:, n_cand:2 * n_cand], ras_exempt=0)
+        token = r.slow_candidates[picked]
         # Fast transformer along the codebooks.
         codes = [(token - c.semantic_begin_id).clamp(0, c.codebook_size - 1)]
         fast_caches = [KVCache.over(fc.k[:n], fc.v[:n]) for fc in self.fast_caches]
@@ -155,10 +134,8 @@ class StaticDecoder:
         for k in range(1, c.num_codebooks):
             out = m.forward_fast(m.fast_embeddings(codes[-1]).unsqueeze(1), fast_caches, k)
             logits = (out[:, -1] @ r.fast_head.T).float()
-            pen = apply_repetition_penalty(logits, recent[:, k + 1], penalty, recent_valid[:, k + 1])
-            drawn = torch.argmax(filtered_probs(pen, temperature, top_p, top_k)
-                                 / noise[:, base + (k - 1) * fv: base + k * fv], -1)
-            codes.append(torch.where(greedy, torch.argmax(logits, dim=-1), drawn))
+            codes.append(sample_rows(logits, rows, noise[:, base + (k - 1) * fv: base + k * fv], recent[:, k + 1],
+                                     recent_valid[:, k + 1]))
         frame = torch.stack([token] + codes, dim=1)
         self.frame[:n].copy_(frame)
         keep = self.active[:n, None, None]
@@ -169,7 +146,7 @@ class StaticDecoder:
     def _bucket(self, needed: int) -> int:
         return min(self.capacity, -(-needed // LENGTH_BUCKET) * LENGTH_BUCKET)
 
-    def _rows(self, gens: list[FrameGenerator]) -> int:
+    def _rows(self, gens: list[SlotSequence]) -> int:
         """Slots to compute: up to the highest one stepping, rounded up to a power of two (few
         graph shapes; slots are handed out lowest first, so busy ones sit at the front)."""
         n = 1
@@ -223,7 +200,7 @@ class StaticDecoder:
             self._graphs.clear()
             return None
 
-    def step(self, gens: list[FrameGenerator], fresh: list[tuple[FrameGenerator, Tensor, Tensor]]
+    def step(self, gens: list[SlotSequence], fresh: list[tuple[SlotSequence, Tensor, Tensor]]
              ) -> tuple[list[Tensor], list[Tensor]]:
         """One frame for each of `gens` (all hold slots). `fresh` lists the ones just prefilled
         with their last-position (hidden, normed); the rest decode their next position.

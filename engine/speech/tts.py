@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.audio import decode_audio
+from engine.audio import AudioDecodeError, decode_audio
 from engine.fish.codec import StreamingDecoder
 from engine.fish.models import FishModels, load_models
 from engine.fish.prompt import build_prompt
@@ -122,14 +122,18 @@ class TTSEngine:
             audio = torch.from_numpy(pcm).to(codec.device, torch.float32)
             return codec.encode(audio).cpu().numpy().astype(np.int64)
 
-    async def encode_reference(self, audio: bytes, *, use_memory_cache: bool = True) -> np.ndarray:
+    async def encode_reference(self, audio: bytes, *, use_memory_cache: bool = True,
+                               pcm: np.ndarray | None = None) -> np.ndarray:
         key = ReferenceCache.key(audio)
         if use_memory_cache and (hit := self.references.get(key)) is not None:
             return hit
-        loop = asyncio.get_running_loop()
-        # Decoding is plain CPU work: keep it off both the loop and the model thread.
-        pcm = await loop.run_in_executor(None, lambda: decode_audio(audio, self.sample_rate,
-                                                                    max_seconds=MAX_REFERENCE_SECONDS))
+        if pcm is None:
+            loop = asyncio.get_running_loop()
+            # Decoding is plain CPU work: keep it off both the loop and the model thread.
+            pcm = await loop.run_in_executor(None, lambda: decode_audio(audio, self.sample_rate,
+                                                                        max_seconds=MAX_REFERENCE_SECONDS))
+        elif len(pcm) > MAX_REFERENCE_SECONDS * self.sample_rate:  # the limit decoding applies
+            raise AudioDecodeError(f"audio is longer than the {MAX_REFERENCE_SECONDS:g} s limit")
         codes = await asyncio.wrap_future(self.worker.call(lambda: self._encode_now(pcm)))
         # "off" still refreshes the cache, as upstream does.
         self.references.put(key, codes)

@@ -61,11 +61,24 @@ class SpeechSynthesizer(Protocol):
     @property
     def sample_rate(self) -> int: ...
 
+    def prepare_text(self, request: TTSRequest) -> list[str]:
+        """The request's text as the engine will speak it (normalised, split into chunks);
+        raises ValueError when nothing speakable is left. Cheap: transports call it to refuse
+        such text before queueing."""
+        ...
+
     def stream(self, request: TTSRequest) -> AsyncIterator[AudioChunk]:
         """Yield audio as it is produced. Closing the iterator (aclose / task cancel) stops
         the model work for this request promptly and frees the model for others."""
         ...
 
-    async def encode_reference(self, audio: bytes, *, use_memory_cache: bool = True) -> np.ndarray:
-        """Decode any common audio format and return its codec codes [K, T]."""
+    async def encode_reference(self, audio: bytes, *, use_memory_cache: bool = True,
+                               pcm: np.ndarray | None = None) -> np.ndarray:
+        """Decode any common audio format and return its codec codes [K, T]. `pcm` is the same
+        audio already decoded (mono float32 at `sample_rate`), which spares decoding it again;
+        `audio` still keys the cache."""
+        ...
+
+    def close(self) -> None:
+        """Stop the engine's model work for good (server shutdown)."""
         ...

@@ -7,6 +7,10 @@ the job TIMED_OUT. Streamed items wait in memory until a /stream poll takes them
 result lives in the job store. Store writes run on one thread so the event loop never waits
 on SQLite. A job that names a webhook has its final status POSTed there (`webhooks.deliver`),
 and a FAILED or TIMED_OUT one can be queued again under its id (`retry`).
+
+What the submitter already made of the input (validated, audio decoded) waits in memory with the
+job and goes to the runner, so a job is not parsed or decoded twice. A job restored after a
+restart, retried, or beyond the memory budget starts from its stored input instead.
 """
 from __future__ import annotations
 
@@ -23,13 +27,16 @@ from typing import Any
 import aiohttp
 
 from server.jobs import webhooks
+from server.jobs.output import stream_summary
 from server.jobs.store import (CANCELLED, COMPLETED, FAILED, FINAL_STATES, IN_PROGRESS, IN_QUEUE, RETRYABLE_STATES,
                                TIMED_OUT, JobRow, JobStore)
 
 log = logging.getLogger(__name__)
 
-JobRunner = Callable[[Any], AsyncIterator[dict[str, Any]]]
+# (stored input, what `submit` was given as `prepared` or None) -> the job's output items
+JobRunner = Callable[[Any, Any], AsyncIterator[dict[str, Any]]]
 STREAM_KEEP_SECONDS = 600.0  # streamed items nobody polled are dropped this long after the job ended
+PREPARED_BUDGET_BYTES = 256 * 1024 * 1024  # prepared inputs (decoded audio) of waiting jobs, all together
 
 
 class QueueFull(RuntimeError):
@@ -58,15 +65,11 @@ def status_body(row: JobRow, now: float | None = None) -> dict[str, Any]:
     return body
 
 
-def stream_summary(final: dict[str, Any]) -> dict[str, Any]:
-    """The last /stream item of a streaming job: the result without the audio, which came in chunks."""
-    return {k: v for k, v in final.items() if k != "audio"} | {"audio_in_chunks": True}
-
-
 class JobManager:
     def __init__(self, store: JobStore, runner: JobRunner, *, queue_size: int, concurrency: int,
                  execution_timeout: float, result_ttl: float,
-                 on_janitor: Callable[[], None] | None = None, webhook_retry_delay: float = 10.0) -> None:
+                 on_janitor: Callable[[], None] | None = None, webhook_retry_delay: float = 10.0,
+                 prepared_budget: int = PREPARED_BUDGET_BYTES) -> None:
         self.store = store
         self.runner = runner
         self.queue_size = queue_size
@@ -81,6 +84,8 @@ class JobManager:
         self._streams: dict[str, list[dict[str, Any]]] = {}
         self._ended: dict[str, float] = {}  # job id -> monotonic end time, for dropping unpolled streams
         self._done: dict[str, asyncio.Event] = {}
+        self._prepared: dict[str, tuple[Any, int]] = {}  # job id -> (prepared input, its bytes)
+        self.prepared_budget = prepared_budget
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
         self.webhook_retry_delay = webhook_retry_delay
@@ -132,7 +137,10 @@ class JobManager:
         return len(self._running)
 
     async def submit(self, job_input: Any, *, streaming: bool, timeout: float | None = None,
-                     id_prefix: str = "", webhook: str | None = None) -> str:
+                     id_prefix: str = "", webhook: str | None = None, prepared: Any = None,
+                     prepared_bytes: int = 0) -> str:
+        """Store and queue a job. `prepared` (about `prepared_bytes` large) is what the caller made
+        of `job_input`; the runner gets it back when the job runs in this process."""
         self._check_room()
         job_id = f"{id_prefix}{uuid.uuid4()}"
         limit = min(timeout, self.execution_timeout) if timeout else self.execution_timeout
@@ -142,6 +150,9 @@ class JobManager:
                            webhook=webhook)
         finally:
             self._reserved -= 1
+        held = sum(size for _, size in self._prepared.values())
+        if prepared is not None and held + prepared_bytes <= self.prepared_budget:
+            self._prepared[job_id] = (prepared, prepared_bytes)
         await self._enqueue(job_id)
         return job_id
 
@@ -245,6 +256,7 @@ class JobManager:
 
     # ------------------------------------------------------------------ running
     async def _finish(self, job_id: str, status: str, *, output: Any = None, error: str | None = None) -> bool:
+        self._prepared.pop(job_id, None)  # a cancelled or purged job never runs
         changed = await self._db(self.store.finish, job_id, status, output=output, error=error)
         event = self._done.pop(job_id, None)
         if event is not None:
@@ -281,6 +293,7 @@ class JobManager:
             await asyncio.wait([task])  # a cancelled worker leaves the job to stop()
 
     async def _execute(self, job_id: str) -> None:
+        prepared, _ = self._prepared.pop(job_id, (None, 0))
         row = await self._db(self.store.start, job_id)
         if row is None:
             return  # cancelled while it waited
@@ -289,7 +302,7 @@ class JobManager:
         final: dict[str, Any] | None = None
         try:
             async with asyncio.timeout(row.timeout):
-                items = self.runner(row.input)
+                items = self.runner(row.input, prepared)
                 try:
                     async for item in items:
                         if isinstance(item, dict) and item.get("status") == "streaming":

@@ -13,8 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 log = logging.getLogger(__name__)
 
-MAX_CLIENT_MESSAGE_BYTES = 64 * 1024  # a typed message or TTS text, never audio
+MAX_CLIENT_MESSAGE_BYTES = 64 * 1024  # a typed message or TTS text, never audio (the data channel's limit)
+MAX_AUDIO_MESSAGE_BYTES = 15 * 1024 * 1024  # a WebSocket `input_audio_buffer.append`, as upstream allows
 MAX_TEXT_CHARS = 4000
+ITEM_ID = r"^[A-Za-z0-9_\-.:]{1,64}$"
+
 
 class _Event(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -38,8 +41,9 @@ class ContentPart(BaseModel):
 class ConversationItem(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
+    id: str | None = Field(None, pattern=ITEM_ID)  # the client may choose it (Pipecat sends 32 hex digits)
     type: Literal["message"] = "message"
-    role: Literal["user", "system", "assistant"] = "user"
+    role: Literal["user", "system", "assistant", "developer"] = "user"
     content: list[ContentPart] = Field(default_factory=list, max_length=16)
 
     def text(self) -> str:
@@ -48,7 +52,30 @@ class ConversationItem(BaseModel):
 
 class ConversationItemCreate(_Event):
     type: Literal["conversation.item.create"]
+    previous_item_id: str | None = None
     item: ConversationItem
+
+
+class ConversationItemRetrieve(_Event):
+    type: Literal["conversation.item.retrieve"]
+    item_id: str = Field(max_length=64)
+
+
+class ConversationItemDelete(_Event):
+    type: Literal["conversation.item.delete"]
+    item_id: str = Field(max_length=64)
+
+
+class ConversationItemTruncate(_Event):
+    type: Literal["conversation.item.truncate"]
+    item_id: str = Field(max_length=64)
+    content_index: int = Field(0, ge=0)
+    audio_end_ms: int = Field(ge=0)
+
+
+class InputAudioBufferAppend(_Event):
+    type: Literal["input_audio_buffer.append"]
+    audio: str  # base64 in the session's input format
 
 
 class ResponseCreate(_Event):
@@ -106,14 +133,16 @@ class TTSRequestEvent(_Event):
 
 
 ClientEvent = Annotated[
-    Union[SessionUpdate, ConversationItemCreate, ResponseCreate, ResponseCancel, OutputAudioBufferClear,
+    Union[SessionUpdate, ConversationItemCreate, ConversationItemRetrieve, ConversationItemDelete,
+          ConversationItemTruncate, ResponseCreate, ResponseCancel, OutputAudioBufferClear, InputAudioBufferAppend,
           InputAudioBufferClear, InputAudioBufferCommit, TTSRequestEvent],
     Field(discriminator="type"),
 ]
 _CLIENT_EVENT = TypeAdapter(ClientEvent)
-CLIENT_EVENT_TYPES = ("session.update", "conversation.item.create", "response.create", "response.cancel",
-                      "output_audio_buffer.clear", "input_audio_buffer.clear", "input_audio_buffer.commit",
-                      "tts.request")
+CLIENT_EVENT_TYPES = ("session.update", "conversation.item.create", "conversation.item.retrieve",
+                      "conversation.item.delete", "conversation.item.truncate", "response.create", "response.cancel",
+                      "output_audio_buffer.clear", "input_audio_buffer.append", "input_audio_buffer.clear",
+                      "input_audio_buffer.commit", "tts.request")
 
 
 class ProtocolError(ValueError):
@@ -132,19 +161,21 @@ def is_keepalive(message: str | bytes) -> bool:
     return text.startswith("ping")
 
 
-def parse_client_event(message: str | bytes) -> ClientEvent:
-    """One data-channel message -> its event model, or ProtocolError saying what is wrong."""
+def parse_client_event(message: str | bytes, *, max_bytes: int = MAX_CLIENT_MESSAGE_BYTES) -> ClientEvent:
+    """One client message -> its event model, or ProtocolError saying what is wrong."""
     if isinstance(message, bytes):
         try:
             message = message.decode("utf-8")
         except UnicodeDecodeError:
             raise ProtocolError("invalid_json", "messages must be UTF-8 JSON text") from None
-    if len(message) > MAX_CLIENT_MESSAGE_BYTES:
-        raise ProtocolError("message_too_large", f"messages are limited to {MAX_CLIENT_MESSAGE_BYTES} bytes")
+    if len(message) > max_bytes:
+        raise ProtocolError("message_too_large", f"messages are limited to {max_bytes} bytes")
     try:
         raw = json.loads(message)
     except json.JSONDecodeError as exc:
         raise ProtocolError("invalid_json", f"not JSON: {exc.msg}") from None
+    except (ValueError, RecursionError) as exc:  # huge integers, deep nesting
+        raise ProtocolError("invalid_json", f"not acceptable JSON: {type(exc).__name__}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
         raise ProtocolError("invalid_event", "an event is a JSON object with a string `type`")
     event_id = raw.get("event_id") if isinstance(raw.get("event_id"), str) else None

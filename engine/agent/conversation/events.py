@@ -82,6 +82,7 @@ class ResponseCreated(ConversationEvent):
     response_id: str
     item_id: str
     kind: ResponseKind
+    audio: bool = True  # False: a text-only response
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

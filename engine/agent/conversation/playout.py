@@ -38,7 +38,8 @@ class Response:
     sentences: list[SentencePlayout] = dataclasses.field(default_factory=list)
     playout: list[tuple[float, float]] = dataclasses.field(default_factory=list)  # (start, seconds) per chunk
     report: tuple[float, float] | None = None  # (monotonic time, seconds played) from mark_played
-    history_item: dict | None = None
+    in_history: bool = False  # its heard text is an item of the history
+    speak: bool = True  # False: a text-only response
     t_first_token: float | None = None
     t_first_audio: float | None = None
     status: ResponseStatus = "in_progress"

@@ -41,10 +41,12 @@ class Responder:
         self.current: Response | None = None
 
     # ------------------------------------------------------------------ starting
-    def start(self, kind: ResponseKind, source: TextSource, request: TTSRequest, *,
+    def start(self, kind: ResponseKind, source: TextSource, request: TTSRequest, *, speak: bool = True,
               t_speech_stopped: float | None = None, t_transcript: float | None = None) -> str:
+        """Queue a response; `speak=False` makes a text-only one (no TTS)."""
         resp = Response(id=self._new_id("resp"), kind=kind, item_id=self._new_id("item"),
-                        t_created=time.monotonic(), t_speech_stopped=t_speech_stopped, t_transcript=t_transcript)
+                        t_created=time.monotonic(), t_speech_stopped=t_speech_stopped, t_transcript=t_transcript,
+                        speak=speak and self._tts is not None)
         self._responses[resp.id] = resp
         while len(self._responses) > KEEP_RESPONSES:
             self._responses.popitem(last=False)
@@ -54,14 +56,15 @@ class Responder:
     async def _run(self, resp: Response, source: TextSource, request: TTSRequest) -> None:
         async with self._lock:
             self.current = resp
-            self._outputs.emit(ResponseCreated(response_id=resp.id, item_id=resp.item_id, kind=resp.kind))
+            self._outputs.emit(ResponseCreated(response_id=resp.id, item_id=resp.item_id, kind=resp.kind,
+                                               audio=resp.speak))
             try:
-                async for item in spoken_reply(source(), self._tts, request):
+                async for item in spoken_reply(source(), self._tts if resp.speak else None, request):
                     self._on_reply_item(resp, item)
             except ReplyError as exc:
                 resp.status = "failed"
                 # What will still play out (or, without a voice, the text already shown).
-                heard = resp.complete_text() if self._tts is not None else resp.text.strip()
+                heard = resp.complete_text() if resp.speak else resp.text.strip()
                 self._history.record_reply(resp, heard)
                 error = ConversationError(type="server_error", code=f"{exc.stage}_failed", message=str(exc),
                                           response_id=resp.id)
@@ -125,6 +128,20 @@ class Responder:
     def get(self, response_id: str) -> Response | None:
         return self._responses.get(response_id)
 
+    def by_item(self, item_id: str) -> Response | None:
+        return next((r for r in self._responses.values() if r.item_id == item_id), None)
+
+    async def truncate(self, resp: Response, audio_end_ms: int) -> None:
+        """The client says only `audio_end_ms` of this response's audio was heard."""
+        self.mark_played(resp.id, audio_end_ms / 1000.0)
+        if resp is self.current and self.active():
+            await self.cancel("client_truncated")  # stops generation and playout; keeps what was heard
+            return
+        heard = resp.spoken_text(audio_end_ms / 1000.0) if resp.speak else resp.text.strip()
+        self._history.record_reply(resp, heard)
+        self._outputs.emit(ResponseTruncated(response_id=resp.id, item_id=resp.item_id, audio_end_ms=audio_end_ms,
+                                             transcript=heard))
+
     def mark_played(self, response_id: str, seconds: float) -> None:
         resp = self._responses.get(response_id)
         if resp is not None and seconds >= 0:
@@ -151,13 +168,13 @@ class Responder:
             self._outputs.emit(ResponseAudioCleared(response_id=resp.id, audio_end_ms=audio_end_ms))
         resp.stopped = True
         # Without a voice, the text itself is what the user got.
-        heard = resp.spoken_text(played) if self._tts is not None else resp.text.strip()
+        heard = resp.spoken_text(played) if resp.speak else resp.text.strip()
         if generating:
             resp.status = "cancelled"
             self._history.record_reply(resp, heard)
             self._outputs.emit(ResponseTextDone(response_id=resp.id, item_id=resp.item_id, transcript=heard))
             self._emit_done(resp, heard, reason=reason)
-        elif unplayed and resp.history_item is not None:
+        elif unplayed and resp.in_history:
             self._history.record_reply(resp, heard)
             self._outputs.emit(ResponseTruncated(response_id=resp.id, item_id=resp.item_id,
                                                  audio_end_ms=audio_end_ms, transcript=heard))

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from engine.agent.conversation.events import Output, TurnDetection, UserTranscript
-from engine.agent.conversation.history import History
+from engine.agent.conversation.history import History, HistoryItem, Role
 from engine.agent.conversation.outputs import OutputQueue
 from engine.agent.conversation.responses import Responder, tts_request
 from engine.agent.conversation.turns import TurnInput
@@ -64,7 +64,8 @@ class ConversationSession:
         (chunk_length, normalize, ...): its text, voice and sampling are filled in per sentence."""
         self._tts = tts
         self._llm = llm
-        self._history = History(history)
+        self._ids = itertools.count(1)
+        self._history = History(history, new_id=self._new_id)
         self.mode: Mode = "agent"
         self.voice: tuple[Reference, ...] = ()
         self.instructions = instructions
@@ -74,7 +75,6 @@ class ConversationSession:
         self._outputs = OutputQueue()
         self._tts_text: list[str] = []  # TTS mode: typed text waiting for create_response
         self._tasks: set[asyncio.Task] = set()
-        self._ids = itertools.count(1)
         self._responses = Responder(tts=tts, outputs=self._outputs, history=self._history, spawn=self._spawn,
                                     new_id=self._new_id)
         self._turns = TurnInput(asr=asr, vad_model=vad_model, outputs=self._outputs, spawn=self._spawn,
@@ -133,32 +133,38 @@ class ConversationSession:
     async def send_text(self, text: str, *, respond: bool = True) -> None:
         """A typed user message (conversation.item.create + optional response.create).
         In TTS mode the text is spoken as given instead."""
-        self._check_open()
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError("text must be a non-empty string")
-        if self.mode == "tts":
-            self._tts_text.append(text.strip())  # spoken at the next create_response
-            if respond:
-                await self.create_response()
-            return
-        self._history.add_user(text.strip())
+        self.add_message("user", text)
         if respond:
             await self.create_response()
 
-    async def create_response(self) -> None:
-        """Respond to the history as it stands; in TTS mode, speak the text sent since the last response."""
+    def add_message(self, role: Role, text: str, *, item_id: str | None = None) -> str:
+        """Add a typed item to the conversation; returns its id. In TTS mode user text waits to be
+        spoken by the next create_response instead (it does not enter the history)."""
+        self._check_open()
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("text must be a non-empty string")
+        if role not in ("user", "assistant", "system"):
+            raise ValueError(f"role must be user, assistant or system, got {role!r}")
+        if self.mode == "tts" and role == "user":
+            self._tts_text.append(text.strip())
+            return item_id or self._new_id("item")
+        return self._history.add(role, text.strip(), item_id=item_id).id
+
+    async def create_response(self, *, instructions: str | None = None, text_only: bool = False,
+                              voice: tuple[Reference, ...] | None = None) -> str | None:
+        """Respond to the history as it stands; in TTS mode, speak the text sent since the last
+        response. `instructions` and `voice` apply to this response only. Returns its id."""
         self._check_open()
         if self.mode == "tts":
             if not self._tts_text:
                 raise ValueError("in TTS mode, response.create speaks the text of conversation.item.create "
                                  "events; send one first (or use tts.request)")
             text, self._tts_text = " ".join(self._tts_text), []
-            await self.speak(text)
-            return
+            return await self.speak(text, voice=voice)
         if self._llm is None:
             self._outputs.error("invalid_request_error", "no_agent", "response.create needs agent mode with an LLM")
-            return
-        self._start_agent_response()
+            return None
+        return self._start_agent_response(instructions=instructions, speak=not text_only, voice=voice)
 
     async def speak(self, text: str, *, sampling: SamplingOptions | None = None,
                     voice: tuple[Reference, ...] | None = None) -> str:
@@ -175,6 +181,36 @@ class ConversationSession:
     async def cancel_response(self, reason: str = "client_cancelled") -> None:
         """Stop LLM and TTS now; clear queued audio; keep only the heard text in the history."""
         await self._responses.cancel(reason)
+
+    # ------------------------------------------------------------------ items
+    def items(self) -> list[HistoryItem]:
+        return self._history.items()
+
+    def get_item(self, item_id: str) -> HistoryItem | None:
+        return self._history.get(item_id)
+
+    def previous_item_id(self, item_id: str) -> str | None:
+        return self._history.previous_id(item_id)
+
+    def delete_item(self, item_id: str) -> None:
+        """Remove an item from the history (KeyError if there is none with that id)."""
+        self._history.delete(item_id)
+
+    async def truncate_item(self, item_id: str, audio_end_ms: int) -> None:
+        """Only `audio_end_ms` of this reply was heard: the history keeps that much of its text; a
+        reply still playing is stopped there (barge-in by a client that only truncates)."""
+        self._check_open()
+        resp = self._responses.by_item(item_id)
+        if resp is None:
+            item = self._history.get(item_id)
+            if item is None:
+                raise KeyError(item_id)
+            if item.role != "assistant":
+                raise ValueError("only assistant items can be truncated")
+            return  # an old reply whose audio schedule is gone: nothing more is known of what was heard
+        if audio_end_ms < 0 or audio_end_ms > resp.audio_seconds * 1000 + 1:
+            raise ValueError(f"audio_end_ms must be between 0 and the reply's {int(resp.audio_seconds * 1000)} ms")
+        await self._responses.truncate(resp, audio_end_ms)
 
     def mark_played(self, response_id: str, seconds: float) -> None:
         """The transport reports how many seconds of a response's audio were actually played.
@@ -207,7 +243,7 @@ class ConversationSession:
     def _on_transcript(self, event: UserTranscript, t_speech_stopped: float, respond: bool) -> None:
         if not event.transcript.strip() or self.mode != "agent":
             return  # a cough or noise, or TTS mode: nothing to answer
-        self._history.add_user(event.transcript)
+        self._history.add_user(event.transcript, item_id=event.item_id, source="audio")
         # If the user has already started another turn, answering now would talk over them:
         # that turn's response will answer both.
         detection = self.turn_detection
@@ -215,14 +251,16 @@ class ConversationSession:
         if respond and self._llm is not None and not talking_again:
             self._start_agent_response(t_speech_stopped=t_speech_stopped, t_transcript=event.t)
 
-    def _start_agent_response(self, **times: float) -> str:
+    def _start_agent_response(self, *, instructions: str | None = None, speak: bool = True,
+                              voice: tuple[Reference, ...] | None = None, **times: float) -> str:
         def reply() -> AsyncIterator[str]:
             # Built when the response's turn comes, so it sees every earlier reply as heard.
-            messages = build_messages(self.instructions, self._history.window(), self.chat.history_window)
+            messages = build_messages(instructions or self.instructions, self._history.window(),
+                                      self.chat.history_window)
             return self._llm.stream_chat(messages, max_tokens=self.chat.max_tokens,  # type: ignore[union-attr]
                                          temperature=self.chat.temperature)
 
-        return self._responses.start("agent", reply, self._speech_request(None, None), **times)
+        return self._responses.start("agent", reply, self._speech_request(None, voice), speak=speak, **times)
 
     def _speech_request(self, sampling: SamplingOptions | None, voice: tuple[Reference, ...] | None) -> TTSRequest:
         return tts_request(self.speech, references=self.voice if voice is None else tuple(voice),

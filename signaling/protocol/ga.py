@@ -1,0 +1,225 @@
+"""Conversation outputs -> the OpenAI Realtime GA server events, for one session on one transport.
+
+The conversation speaks in typed events (`engine.agent.conversation.events`); `server_events`
+maps each to its base event. This layer adds what the GA protocol builds around them: conversation
+items (`conversation.item.added` / `done`), the response's output item and content part
+(`response.output_item.*`, `response.content_part.*`), the GA response object with `output` and
+`usage`, input transcription deltas, indices on every delta, and on a WebSocket the audio itself
+(`response.output_audio.delta` / `done`, base64 in the session's output format). The
+`output_audio_buffer.*` events exist on WebRTC only, as in the GA API.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import time
+from typing import Any, Literal
+
+import numpy as np
+
+from engine.agent.conversation import events as conv
+from engine.agent.conversation.history import HistoryItem
+from signaling.audio_formats import AudioFormat, OutputEncoder
+from signaling.protocol.server_events import ServerEvents, wire_payload
+
+Transport = Literal["webrtc", "websocket"]
+_EMPTY = np.zeros(0, np.float32)
+MAX_AUDIO_DELTA_BYTES = 256 * 1024  # raw bytes per delta: well under 1 MiB once base64 and JSON wrap it
+_WEBRTC_ONLY = (conv.ResponseAudioStarted, conv.ResponseAudioStopped, conv.ResponseAudioCleared)
+FRAMES_PER_SECOND = 44_100 / 2048  # codec frames (audio tokens) per second of speech
+
+
+def item_object(item: HistoryItem, *, status: str = "completed") -> dict[str, Any]:
+    """A history item in the GA `realtime.item` shape."""
+    if item.role == "assistant":
+        part = ({"type": "output_audio", "transcript": item.text} if item.source == "audio"
+                else {"type": "output_text", "text": item.text})
+    elif item.source == "audio":
+        part = {"type": "input_audio", "transcript": item.text}
+    else:
+        part = {"type": "input_text", "text": item.text}
+    return {"id": item.id, "object": "realtime.item", "type": "message", "status": status, "role": item.role,
+            "content": [part]}
+
+
+@dataclasses.dataclass
+class _Output:
+    """The one assistant message item a response produces, while it is being built."""
+
+    item_id: str
+    audio: bool
+    text: str = ""
+    text_deltas: int = 0
+    audio_bytes: int = 0
+    part_done: bool = False
+    audio_done: bool = False
+    cleared: bool = False  # barge-in or cancel: what is still in the encoder is dropped
+    encoder: OutputEncoder | None = None
+
+    def part(self) -> dict[str, Any]:
+        return {"type": "audio", "transcript": self.text} if self.audio else {"type": "text", "text": self.text}
+
+    def item(self, status: str) -> dict[str, Any]:
+        content = [{"type": "output_audio", "transcript": self.text} if self.audio
+                   else {"type": "output_text", "text": self.text}]
+        return {"id": self.item_id, "object": "realtime.item", "type": "message", "status": status,
+                "role": "assistant", "content": content if (self.text or status != "in_progress") else []}
+
+
+class RealtimeEvents:
+    def __init__(self, events: ServerEvents, *, transport: Transport, session_id: str,
+                 output_format: AudioFormat | None = None) -> None:
+        self.events = events
+        self.transport = transport
+        self.session_id = session_id
+        self.output_format = output_format or AudioFormat()
+        self._outputs: dict[str, _Output] = {}  # response id -> its output item
+        self._last_item: str | None = None
+        self._user_items: dict[str, str] = {}  # item id -> "audio" for user turns announced at commit
+
+    # ------------------------------------------------------------------ events
+    def conversation_event(self, event: conv.ConversationEvent) -> list[dict[str, Any]]:
+        if self.transport == "websocket" and isinstance(event, _WEBRTC_ONLY):
+            out = self._outputs.get(event.response_id)
+            if out is not None and isinstance(event, conv.ResponseAudioCleared):
+                out.cleared = True
+            return []
+        base = self.events.from_conversation(event)
+        match event:
+            case conv.UserSpeechStopped() | conv.UserAudioCommitted():
+                extra = [] if isinstance(event, conv.UserAudioCommitted) else [
+                    self._build("input_audio_buffer.committed", event,
+                                {"item_id": event.item_id, "previous_item_id": self._last_item})]
+                if isinstance(event, conv.UserAudioCommitted):
+                    base["previous_item_id"] = self._last_item
+                return [base, *extra, self._user_item_added(event)]
+            case conv.UserTranscript():
+                base["content_index"] = 0
+                item = {"id": event.item_id, "object": "realtime.item", "type": "message", "status": "completed",
+                        "role": "user", "content": [{"type": "input_audio", "transcript": event.transcript}]}
+                delta = self._build("conversation.item.input_audio_transcription.delta", event,
+                                    {"item_id": event.item_id, "content_index": 0, "delta": event.transcript})
+                return [delta, base, self._build("conversation.item.done", event, {"item": item})]
+            case conv.ResponseCreated():
+                return self._response_created(event, base)
+            case conv.ResponseTextDelta():
+                out = self._outputs.get(event.response_id)
+                if out is not None:
+                    out.text += event.delta
+                    out.text_deltas += 1
+                    base.update(output_index=0, content_index=0)
+                    if not out.audio:
+                        base["type"] = "response.output_text.delta"
+                return [base]
+            case conv.ResponseTextDone():
+                return self._text_done(event, base)
+            case conv.ResponseTruncated():
+                base["content_index"] = 0
+                return [base]
+            case conv.ResponseDone():
+                return self._response_done(event, base)
+        return [base]
+
+    def audio(self, out: conv.AudioOut) -> list[dict[str, Any]]:
+        """Audio as `response.output_audio.delta` events (WebSocket); on WebRTC it goes on the track."""
+        output = self._outputs.get(out.response_id)
+        if self.transport != "websocket" or output is None or not output.audio:
+            return []
+        if output.encoder is None:
+            output.encoder = OutputEncoder(self.output_format, out.sample_rate)
+        return self._audio_deltas(out.response_id, output, output.encoder.encode(out.pcm))
+
+    # ------------------------------------------------------------------ pieces
+    def _build(self, type_: str, event: conv.ConversationEvent, data: dict[str, Any]) -> dict[str, Any]:
+        return self.events.build(type_, data, response_id=getattr(event, "response_id", None), t=event.t)
+
+    def _user_item_added(self, event) -> dict[str, Any]:
+        item = {"id": event.item_id, "object": "realtime.item", "type": "message", "status": "in_progress",
+                "role": "user", "content": [{"type": "input_audio", "transcript": None}]}
+        added = self._build("conversation.item.added", event, {"previous_item_id": self._last_item, "item": item})
+        self._last_item = event.item_id
+        return added
+
+    def _response_created(self, event: conv.ResponseCreated, base: dict[str, Any]) -> list[dict[str, Any]]:
+        out = _Output(event.item_id, event.audio)
+        self._outputs[event.response_id] = out
+        base["response"].update({"object": "realtime.response", "status_details": None, "output": [],
+                                 "conversation_id": self.session_id,
+                                 "output_modalities": ["audio"] if event.audio else ["text"], "usage": None})
+        item = out.item("in_progress")
+        ids = {"response_id": event.response_id, "output_index": 0}
+        events = [base,
+                  self._build("response.output_item.added", event, {**ids, "item": item}),
+                  self._build("conversation.item.added", event, {"previous_item_id": self._last_item, "item": item}),
+                  self._build("response.content_part.added", event,
+                              {**ids, "item_id": out.item_id, "content_index": 0, "part": out.part()})]
+        self._last_item = out.item_id
+        return events
+
+    def _audio_deltas(self, response_id: str, out: _Output, data: bytes) -> list[dict[str, Any]]:
+        out.audio_bytes += len(data)
+        now = time.monotonic()
+        return [self.events.build("response.output_audio.delta", {
+            "item_id": out.item_id, "output_index": 0, "content_index": 0,
+            "delta": base64.b64encode(data[i:i + MAX_AUDIO_DELTA_BYTES]).decode("ascii")},
+            response_id=response_id, t=now) for i in range(0, len(data), MAX_AUDIO_DELTA_BYTES)]
+
+    def _finish_audio(self, event: conv.ConversationEvent, response_id: str, out: _Output) -> list[dict[str, Any]]:
+        """WebSocket: the encoder's tail, then response.output_audio.done (once)."""
+        if self.transport != "websocket" or not out.audio or out.audio_done:
+            return []
+        out.audio_done = True
+        events: list[dict[str, Any]] = []
+        if out.encoder is not None and not out.cleared:
+            events = self._audio_deltas(response_id, out, out.encoder.encode(_EMPTY, final=True))
+        out.encoder = None
+        return events + [self._build("response.output_audio.done", event,
+                                     {"item_id": out.item_id, "output_index": 0, "content_index": 0})]
+
+    def _close_output(self, event: conv.ConversationEvent, response_id: str, out: _Output,
+                      status: str) -> list[dict[str, Any]]:
+        """The audio, content part, output item and conversation item of a response end."""
+        if out.part_done:
+            return []
+        out.part_done = True
+        ids = {"item_id": out.item_id, "output_index": 0, "content_index": 0}
+        events = self._finish_audio(event, response_id, out)
+        events.append(self._build("response.content_part.done", event, {**ids, "part": out.part()}))
+        item = out.item(status)
+        events.append(self._build("response.output_item.done", event, {"output_index": 0, "item": item}))
+        events.append(self._build("conversation.item.done", event, {"item": item}))
+        return events
+
+    def _text_done(self, event: conv.ResponseTextDone, base: dict[str, Any]) -> list[dict[str, Any]]:
+        out = self._outputs.get(event.response_id)
+        if out is None:
+            return [base]
+        out.text = event.transcript
+        base.update(output_index=0, content_index=0)
+        if not out.audio:
+            base["type"] = "response.output_text.done"
+            base["text"] = event.transcript
+        return self._finish_audio(event, event.response_id, out) + [base]
+
+    def _response_done(self, event: conv.ResponseDone, base: dict[str, Any]) -> list[dict[str, Any]]:
+        out = self._outputs.pop(event.response_id, None)
+        events: list[dict[str, Any]] = []
+        status = {"completed": "completed", "cancelled": "incomplete", "failed": "incomplete"}.get(event.status,
+                                                                                                 "incomplete")
+        output: list[dict[str, Any]] = []
+        if out is not None:
+            events += self._close_output(event, event.response_id, out, status)
+            output = [out.item(status)]
+        audio_tokens = round(event.audio_seconds * FRAMES_PER_SECOND)
+        text_tokens = out.text_deltas if out is not None else 0
+        base["response"].update({
+            "object": "realtime.response", "output": output, "conversation_id": self.session_id,
+            "output_modalities": ["audio"] if out is None or out.audio else ["text"],
+            "usage": {"total_tokens": text_tokens + audio_tokens, "input_tokens": 0,
+                      "output_tokens": text_tokens + audio_tokens,
+                      "output_token_details": {"text_tokens": text_tokens, "audio_tokens": audio_tokens}}})
+        events.append(base)
+        events.append(self._build("rate_limits.updated", event, {"rate_limits": []}))
+        return events
+
+
