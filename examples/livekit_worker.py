@@ -49,9 +49,10 @@ def assistant(instructions: str = INSTRUCTIONS) -> Agent:
 
 
 def session_load(health: dict) -> float | None:
-    """A box's load in 0..1 from its /health body: realtime sessions in use over the cap."""
+    """A box's load in 0..1 from its /health body (`"realtime": {"active", "max", "available"}`):
+    realtime sessions in use over the cap."""
     realtime = health.get("realtime") or {}
-    active, cap = realtime.get("sessions"), realtime.get("max_sessions")
+    active, cap = realtime.get("active"), realtime.get("max")
     if not isinstance(active, int) or not isinstance(cap, int) or cap <= 0:
         return None
     return min(1.0, active / cap)

@@ -37,6 +37,12 @@ from livekit.agents import APIConnectionError, APIConnectOptions, llm  # noqa: E
 API_KEY = "livekit-test-key"
 QUESTION = "What is the capital of France?"
 PLUGIN_RATE = 24_000  # the plugin's fixed PCM rate, both ways
+# Our server's own session options, sent through the plugin's raw `send_event`: the random tiny
+# checkpoint never stops speaking by itself (cap its frames per sentence), and SmolLM2 is only
+# reliable on facts when greedy (GA dropped `temperature`; our server still takes it for its LLM).
+FOR_THE_TINY_MODELS = {"type": "session.update",
+                       "session": {"type": "realtime", "temperature": 0.0,
+                                   "sampling": {"max_new_tokens": 24, "seed": 1}}}
 
 
 @dataclass
@@ -62,7 +68,7 @@ async def server(tiny_checkpoint, tmp_path_factory):
     from server.settings import Settings
 
     settings = Settings(checkpoint=str(tiny_checkpoint), device="cpu", data_dir=tmp_path_factory.mktemp("data"),
-                        api_key=API_KEY, max_new_tokens_limit=24)
+                        api_key=API_KEY)
     runner = web.AppRunner(create_app(settings))
     await runner.setup()  # loads the models
     try:
@@ -83,6 +89,7 @@ async def realtime(server):
         model = lk_openai.realtime.RealtimeModel(base_url=f"{server.base_url}/v1", api_key=api_key, **options)
         session = model.session()
         opened.append((model, session))
+        session.send_event(FOR_THE_TINY_MODELS)
         return session
 
     yield open_session
@@ -201,8 +208,10 @@ async def test_the_worker_examples_agent_session_answers_and_reports_load(server
     worker = _worker_example(monkeypatch, server.base_url)
     loop = asyncio.get_running_loop()
     idle = await loop.run_in_executor(None, worker.fishvoice_load)  # LiveKit calls it off the loop, too
+    agent = worker.assistant()
     async with AgentSession(llm=worker.realtime_model()) as session:
-        await session.start(worker.assistant())
+        await session.start(agent)
+        agent.realtime_llm_session.send_event(FOR_THE_TINY_MODELS)
         result = await asyncio.wait_for(session.run(user_input=QUESTION), 90)
         busy = await loop.run_in_executor(None, worker.fishvoice_load)  # its WebSocket session is open
     replies = [e.item.text_content for e in result.events if e.type == "message" and e.item.role == "assistant"]
