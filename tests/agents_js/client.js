@@ -61,7 +61,11 @@ async function main() {
       return pc;
     },
   });
-  const session = new RealtimeSession(agent, { transport, model: params.get("model") || "gpt-realtime" });
+  // Server-specific session fields go in the SDK's `providerData` (merged into session.update);
+  // the test sends our TTS sampling cap (the random tiny checkpoint never stops) and a greedy LLM.
+  const providerData = JSON.parse(params.get("provider_data") || "{}");
+  const session = new RealtimeSession(agent, {
+    transport, model: params.get("model") || "gpt-realtime", config: { providerData } });
   window.agentsTest.session = session;
   session.on("transport_event", (e) => {
     state.serverEvents.push(e.type);
