@@ -103,9 +103,15 @@ def _messages(history: list[dict], role: str) -> list[str]:
             for item in history if item["type"] == "message" and item["role"] == role]
 
 
+@pytest.fixture(scope="module")
+def agents_report(tmp_path_factory):
+    """One harness run (server, Chromium, both transports) shared by the tests below."""
+    return _run_harness(tmp_path_factory.mktemp("agents-js"))
+
+
 @pytest.mark.e2e
-def test_agents_sdk_voice_session_in_the_browser(tmp_path):
-    report = _run_harness(tmp_path)
+def test_agents_sdk_voice_session_in_the_browser(agents_report):
+    report = agents_report
     page = report["page"]
     assert page["phase"] == "connected" and not page["errors"], page["errors"]
     assert page["callId"] and page["callId"] == report["server"]["call_id"]  # from our Location header
@@ -128,6 +134,20 @@ def test_agents_sdk_voice_session_in_the_browser(tmp_path):
     assert report["server"]["history_roles"][:4] == roles
     # The SDK's close() ends the call on the server (it sends no DELETE; the peer connection closes).
     assert report["server"]["close_reason"] == "connection_closed" and report["server"]["calls_after_close"] == 0
+
+
+@pytest.mark.e2e
+def test_agents_sdk_websocket_session_in_the_browser(agents_report):
+    """The SDK's WebSocket transport from the browser: the key travels as a subprotocol."""
+    page = agents_report["ws_page"]
+    assert page["phase"] == "connected" and not page["errors"] and not page["serverErrors"], page
+    assert agents_report["ws_sessions_open"] == 1
+    assert _messages(page["history"], "user") == [SENTENCE]
+    replies = _messages(page["history"], "assistant")
+    assert len(replies) == 1 and "paris" in replies[0].lower(), page["history"]
+    assert page["audioBytes"] / 2 / 24_000 > 0.3, page["audioBytes"]  # PCM16 at 24 kHz, in `audio` events
+    assert "response.output_audio.delta" in page["serverEvents"]
+    assert agents_report["ws_sessions_after_close"] == 0
 
 
 # ---------------------------------------------------------------------------- the harness side
@@ -179,6 +199,28 @@ async def _scenario(runner, base_url: str, page, report: dict) -> None:
     await asyncio.wait_for(call.closed.wait(), 15)
     report["server"]["close_reason"] = call.close_reason
     report["server"]["calls_after_close"] = len(calls)
+    await _websocket_scenario(runner, base_url, page, report)
+
+
+async def _websocket_scenario(runner, base_url: str, page, report: dict) -> None:
+    """The same page on the SDK's WebSocket transport: key in the subprotocol, a typed turn."""
+    from signaling.routes import CALLS
+
+    registry = runner.app[CALLS]
+    state = "window.agentsTest.state"
+    await page.open(f"{base_url}/agents-test/?" + urllib.parse.urlencode({
+        "key": API_KEY, "transport": "websocket", "provider_data": json.dumps(FOR_THE_TINY_MODELS)}))
+    await page.until(f"{state}.phase === 'connected' || {state}.phase === 'error'", 20)
+    report["ws_sessions_open"] = registry.active
+    await page.run(page.driver.execute_script, f"window.agentsTest.sendText({json.dumps(SENTENCE)});")
+    await page.until(f"{state}.history.filter(i => i.role === 'assistant' && i.status === 'completed'"
+                     f" && i.content.some(c => c.text)).length >= 1", 40)
+    report["ws_page"] = await page.run(page.driver.execute_script, f"return {state};")
+    await page.run(page.driver.execute_script, "window.agentsTest.close();")
+    deadline = time.monotonic() + 10
+    while registry.active and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    report["ws_sessions_after_close"] = registry.active
 
 
 def _page(driver):
@@ -198,7 +240,7 @@ async def _harness(out: Path, workdir: Path) -> dict:
     force_loopback_ice()  # the namespace has only lo, which aioice skips by default
     wav = workdir / "mic.wav"
     # The lead-in covers page load and connection set-up before the sentence starts.
-    pcm, _ = speechkit.speech_with_gaps([3.0, SENTENCE, 3.0])
+    pcm, _ = speechkit.speech_with_gaps([4.0, SENTENCE, 3.0])
     _write_wav(wav, pcm)
     report: dict = {"error": None}
     runner, base_url = await _start_server(workdir)

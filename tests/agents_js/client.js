@@ -1,6 +1,7 @@
-// The SDK's own RealtimeSession + OpenAIRealtimeWebRTC transport; the only change from a page
-// written for OpenAI is `baseUrl` (and `useInsecureApiKey`, since our server takes its plain key).
-const { RealtimeAgent, RealtimeSession, OpenAIRealtimeWebRTC } = window.OpenAIAgentsRealtime;
+// The SDK's own RealtimeSession over its OpenAIRealtimeWebRTC transport (or, with
+// ?transport=websocket, OpenAIRealtimeWebSocket); the only change from a page written for OpenAI
+// is the URL (and `useInsecureApiKey`, since our server takes its plain key).
+const { RealtimeAgent, RealtimeSession, OpenAIRealtimeWebRTC, OpenAIRealtimeWebSocket } = window.OpenAIAgentsRealtime;
 const AUDIBLE_RMS = 0.01;
 
 const state = {
@@ -14,6 +15,7 @@ const state = {
   audibleFrames: 0,      // 20 ms analyser ticks above AUDIBLE_RMS
   audibleAfterText: 0,   // the same, counted after the typed message was sent
   callId: null,
+  audioBytes: 0,         // WebSocket transport: reply audio received in `audio` events (PCM16)
   closed: false,
 };
 window.agentsTest = { state };
@@ -52,15 +54,22 @@ async function main() {
     name: "Assistant",
     instructions: "You are a helpful assistant. Answer in one short sentence.",
   });
-  const transport = new OpenAIRealtimeWebRTC({
-    baseUrl: new URL("/v1/realtime/calls", location.origin).toString(),
-    useInsecureApiKey: true,
-    audioElement: document.getElementById("remote-audio"),
-    changePeerConnection: async (pc) => {
-      pc.addEventListener("track", (e) => hear(e.streams[0]));
-      return pc;
-    },
-  });
+  const transport = params.get("transport") === "websocket"
+    // WebSocket: the SDK authenticates with the `openai-insecure-api-key.KEY` subprotocol, and
+    // reply audio arrives as PCM in `audio` events (the page would play it; here it is counted).
+    ? new OpenAIRealtimeWebSocket({
+      url: `${location.origin.replace(/^http/, "ws")}/v1/realtime?model=gpt-realtime`,
+      useInsecureApiKey: true,
+    })
+    : new OpenAIRealtimeWebRTC({
+      baseUrl: new URL("/v1/realtime/calls", location.origin).toString(),
+      useInsecureApiKey: true,
+      audioElement: document.getElementById("remote-audio"),
+      changePeerConnection: async (pc) => {
+        pc.addEventListener("track", (e) => hear(e.streams[0]));
+        return pc;
+      },
+    });
   // Server-specific session fields go in the SDK's `providerData` (merged into session.update);
   // the test sends our TTS sampling cap (the random tiny checkpoint never stops) and a greedy LLM.
   const providerData = JSON.parse(params.get("provider_data") || "{}");
@@ -72,6 +81,7 @@ async function main() {
     if (e.type === "error") state.serverErrors.push(JSON.stringify(e.error ?? e));
   });
   session.on("history_updated", (h) => { state.history = h.map(summarise); });
+  session.on("audio", (e) => { state.audioBytes += e.data.byteLength; });
   session.on("error", (e) => state.errors.push(JSON.stringify(e.error ?? e)));
   const send = transport.sendEvent.bind(transport);
   transport.sendEvent = (event) => { state.clientEvents.push(event.type); return send(event); };
