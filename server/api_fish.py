@@ -116,7 +116,7 @@ async def _tts_job_shaped(request: web.Request, job_input: Any) -> web.StreamRes
 @requires_key("fish")
 async def tts(request: web.Request) -> web.StreamResponse:
     try:
-        body = await read_structured(request)
+        body, _ = await read_structured(request)
         if isinstance(body.get("input"), dict) and "text" not in body:
             return await _tts_job_shaped(request, body["input"])
         try:
@@ -173,12 +173,13 @@ def _ref_error(request: web.Request, status: int, message: str) -> web.Response:
     return _ref_response(request, {"success": False, "message": message}, status)
 
 
-async def _reference_body(request: web.Request) -> dict[str, Any]:
-    body = await read_structured(request, allow_form=True) if request.can_read_body else {}
+async def _reference_body(request: web.Request) -> tuple[dict[str, Any], dict[str, str]]:
+    """The fields of a reference request and the file names of its multipart uploads."""
+    body, filenames = await read_structured(request, allow_form=True) if request.can_read_body else ({}, {})
     for key, value in request.query.items():  # ids may also come in the query string
         if key != "format":
             body.setdefault(key, value)
-    return body
+    return body, filenames
 
 
 def _text(value: Any) -> Any:
@@ -189,7 +190,7 @@ def _text(value: Any) -> Any:
 async def add_reference(request: web.Request) -> web.Response:
     store = request.app[SERVICES].references
     try:
-        body = await _reference_body(request)
+        body, filenames = await _reference_body(request)
         reference_id = check_id(_text(body.get("id")), "id")
         audio = body.get("audio")
         if isinstance(audio, str):
@@ -202,9 +203,9 @@ async def add_reference(request: web.Request) -> web.Response:
         if len(audio) > settings.max_reference_bytes:
             raise RequestError(413, f"audio is {len(audio)} bytes; the limit is {settings.max_reference_bytes}")
         await probe_audio(bytes(audio), "audio", 44100, settings.max_reference_seconds)
-        filename = body.get("_filenames", {}).get("audio")
         assert store is not None
-        await asyncio.to_thread(store.add, reference_id, bytes(audio), _text(body.get("text")) or "", filename)
+        await asyncio.to_thread(store.add, reference_id, bytes(audio), _text(body.get("text")) or "",
+                                filenames.get("audio"))
     except (RequestError, VoiceError) as exc:
         return _ref_error(request, getattr(exc, "status", 400), str(exc))
     return _ref_response(request, {"success": True, "message": f"reference {reference_id!r} added",
@@ -222,7 +223,7 @@ async def list_references(request: web.Request) -> web.Response:
 async def delete_reference(request: web.Request) -> web.Response:
     store = request.app[SERVICES].references
     try:
-        body = await _reference_body(request)
+        body, _ = await _reference_body(request)
         reference_id = check_id(_text(body.get("reference_id")))
         assert store is not None
         await asyncio.to_thread(store.delete, reference_id)
@@ -236,7 +237,7 @@ async def delete_reference(request: web.Request) -> web.Response:
 async def update_reference(request: web.Request) -> web.Response:
     store = request.app[SERVICES].references
     try:
-        body = await _reference_body(request)
+        body, _ = await _reference_body(request)
         old = check_id(_text(body.get("old_reference_id")), "old_reference_id")
         new = check_id(_text(body.get("new_reference_id")), "new_reference_id")
         assert store is not None

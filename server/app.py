@@ -6,7 +6,10 @@
     upstream Fish Speech: POST /v1/tts, GET|POST /v1/health (no key),
         POST /v1/references/add, GET /v1/references/list, DELETE|POST /v1/references/delete,
         POST /v1/references/update
+    OpenAI audio: POST /v1/audio/speech, POST /v1/audio/transcriptions, POST /v1/audio/translations,
+        GET /v1/audio/voices, GET /v1/models, GET /v1/models/{id}
     realtime (signaling): /v1/realtime/..., and the web page at /
+    GET /metrics (Prometheus), GET /openapi.json (OpenAPI 3.1, no key), GET /docs (its page, no key)
 """
 from __future__ import annotations
 
@@ -16,10 +19,10 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 import signaling
-from server import api_fish, api_jobs
+from server import api_fish, api_jobs, metrics, openai_audio, openapi
 from server.conversations import ConversationStore
+from server.http import CONVERSATIONS, JOBS, SERVICES, SETTINGS, body_limit, install_access
 from server.jobs.handler import handle_job
-from server.http import (CONVERSATIONS, JOBS, SERVICES, SETTINGS, auth_middleware, body_limit, install_cors)
 from server.jobs import JobManager, JobStore
 from server.services import Services, load_services
 from server.settings import Settings
@@ -30,7 +33,8 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings, services: Services | None = None) -> web.Application:
     """The server. Without `services`, the models are loaded (off the loop) when the app starts
     and closed when it stops; the app only starts answering once loading has finished or failed."""
-    app = web.Application(client_max_size=body_limit(settings), middlewares=[auth_middleware])
+    app = web.Application(client_max_size=body_limit(settings))
+    install_access(app, settings)  # API key, CORS and the last-resort error handler, for every route
     app[SETTINGS] = settings
     app[SERVICES] = services if services is not None else Services(loading=True)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -38,7 +42,8 @@ def create_app(settings: Settings, services: Services | None = None) -> web.Appl
     app[CONVERSATIONS] = conversations
     app[JOBS] = JobManager(
         JobStore(settings.jobs_db),
-        lambda job_input, prepared: handle_job(job_input, app[SERVICES], settings, conversations, prepared),
+        lambda job_input, prepared: metrics.observe_job(
+            handle_job(job_input, app[SERVICES], settings, conversations, prepared)),
         queue_size=settings.queue_size, concurrency=settings.concurrent_jobs,
         execution_timeout=settings.execution_timeout, result_ttl=settings.result_ttl,
         on_janitor=conversations.purge_expired, webhook_retry_delay=settings.webhook_retry_delay)
@@ -49,7 +54,9 @@ def create_app(settings: Settings, services: Services | None = None) -> web.Appl
     api_jobs.add_routes(r)
     api_jobs.add_routes(r, prefix="/v2/{endpoint_id}")
     api_fish.add_routes(r)
-    install_cors(app, settings.cors_origins)
+    openai_audio.add_routes(r)
+    metrics.install(app)
+    openapi.install(app)
     signaling.install(app, services=app[SERVICES], config=realtime_config(settings))
     return app
 
@@ -65,7 +72,8 @@ def realtime_config(settings: Settings) -> signaling.RealtimeConfig:
         api_key=settings.api_key, cors_origins=tuple(settings.cors_origins), ice_servers=tuple(settings.ice_servers),
         max_sessions=settings.max_sessions, mode=settings.mode, instructions=settings.instructions,
         llm_max_tokens=settings.llm_max_tokens, sampling=settings.realtime_sampling, limits=limits,
-        model_name=settings.checkpoint)
+        model_name=settings.checkpoint,
+        observe_latency=lambda latency_ms: metrics.observe_turn_latency(latency_ms, source="realtime"))
 
 
 def _services_context(owned: bool):

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import re
 import shutil
+import tempfile
 import threading
 from pathlib import Path
 
 from engine.speech.types import Reference
 
-ID_PATTERN = re.compile(r"^[a-zA-Z0-9\-_ ]+$")
+ID_PATTERN = re.compile(r"[a-zA-Z0-9\-_ ]+")  # whole ids only: always fullmatch (`$` would pass a trailing newline)
 MAX_ID_LENGTH = 255
 AUDIO_EXTENSIONS = (".wav", ".mp3", ".flac", ".ogg", ".opus", ".m4a", ".wma", ".aac", ".aiff", ".aif", ".aifc")
 # FFmpeg demuxer names -> the extension we store the upload under
@@ -37,7 +38,7 @@ def check_id(reference_id: object, what: str = "reference_id") -> str:
         raise VoiceError(400, f"{what} is required")
     if len(reference_id) > MAX_ID_LENGTH:
         raise VoiceError(400, f"{what} is longer than {MAX_ID_LENGTH} characters")
-    if not ID_PATTERN.match(reference_id):
+    if not ID_PATTERN.fullmatch(reference_id):
         raise VoiceError(400, f"{what} may only contain letters, digits, '-', '_' and spaces")
     return reference_id
 
@@ -102,7 +103,7 @@ class ReferenceStore:
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir()
-                      if p.is_dir() and ID_PATTERN.match(p.name) and self._samples(p))
+                      if p.is_dir() and ID_PATTERN.fullmatch(p.name) and self._samples(p))
 
     def add(self, reference_id: str, audio: bytes, text: str, filename: str | None = None) -> None:
         """Store a new voice. The audio must already be known to decode (the caller checks)."""
@@ -113,23 +114,35 @@ class ReferenceStore:
             raise VoiceError(413, f"reference audio is {len(audio)} bytes; the limit is {self.max_bytes}")
         if not isinstance(text, str) or not text.strip():
             raise VoiceError(400, "text (the transcript of the audio) is required")
+        try:
+            transcript = text.strip().encode("utf-8")
+        except UnicodeEncodeError:
+            raise VoiceError(400, "text (the transcript) is not valid Unicode (it holds a lone surrogate)") from None
         ext = audio_extension(audio, filename)
         with self._lock:
             if directory.exists():
                 raise VoiceError(409, f"reference {reference_id!r} already exists")
-            tmp = directory.with_name(f".{directory.name}.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            (tmp / f"sample{ext}").write_bytes(audio)
-            (tmp / "sample.lab").write_text(text.strip(), encoding="utf-8")
-            tmp.rename(directory)  # appears complete or not at all
+            self.root.mkdir(parents=True, exist_ok=True)
+            # Written in a private folder that is renamed into place: the voice appears complete
+            # or not at all, and the folder is removed whatever goes wrong on the way.
+            tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=self.root))
+            try:
+                (tmp / f"sample{ext}").write_bytes(audio)
+                (tmp / "sample.lab").write_bytes(transcript)
+                tmp.rename(directory)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
 
     def delete(self, reference_id: str) -> None:
         directory = self._dir(reference_id)
         with self._lock:
             if not directory.is_dir():
                 raise VoiceError(404, f"reference {reference_id!r} not found")
-            shutil.rmtree(directory)
+            # Renamed away first, so the voice is gone at once even if removing its files fails.
+            trash = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".deleted", dir=self.root))
+            directory.rename(trash / directory.name)
+            shutil.rmtree(trash, ignore_errors=True)
 
     def rename(self, old_id: str, new_id: str) -> None:
         old, new = self._dir(old_id), self._dir(check_id(new_id, "new_reference_id"))

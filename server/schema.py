@@ -11,6 +11,7 @@ import yarl
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 AudioFormat = Literal["wav", "mp3", "flac", "pcm", "opus"]
+MAX_POLICY_MS = 7 * 24 * 3600 * 1000
 _DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
 
 
@@ -114,8 +115,9 @@ class JobInput(BaseModel):
 class JobPolicy(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    executionTimeout: int | None = Field(None, ge=1000)  # ms
-    ttl: int | None = Field(None, ge=1000)  # ms; accepted for compatibility
+    # ms; bounded so that no value overflows when converted to seconds (a week is far past any job)
+    executionTimeout: int | None = Field(None, ge=1000, le=MAX_POLICY_MS)
+    ttl: int | None = Field(None, ge=1000, le=MAX_POLICY_MS)  # ms; accepted for compatibility
     lowPriority: bool = False
 
 

@@ -61,6 +61,8 @@ class Settings(BaseSettings):
     max_reference_bytes: int = Field(10 * 1024 * 1024, ge=1024)  # decoded reference audio bytes (413 above)
     max_reference_seconds: float = Field(90.0, gt=0)
     max_new_tokens_limit: int = Field(0, ge=0)  # caps every request's frames per text chunk; 0 = no cap
+    max_transcription_bytes: int = Field(25 * 1024 * 1024, ge=1024)  # /v1/audio/transcriptions upload (413 above)
+    max_transcription_seconds: float = Field(1800.0, gt=0)  # and its decoded duration (413 above)
 
     # --- agent mode
     llm_enabled: bool = True  # load an agent LLM at start-up

@@ -7,6 +7,7 @@ realtime sessions read, built by the server from its settings.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from engine.speech.types import SamplingOptions
@@ -53,6 +54,8 @@ class RealtimeConfig:
     sampling: SamplingOptions = SamplingOptions()  # TTS sampling a session starts from
     limits: CallLimits = CallLimits()
     model_name: str = "fish-speech"  # what sessions report as their model
+    # Called with each finished response's stage latencies in ms (transcript, first_token, first_audio).
+    observe_latency: Callable[[Mapping[str, float]], None] | None = None
 
     def __post_init__(self) -> None:
         origins = self.cors_origins

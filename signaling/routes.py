@@ -10,51 +10,50 @@
   GET    /  and /web/...               the browser client
 
 Session options come from the query string and the multipart `session` field (see
-signaling.options). `Authorization: Bearer KEY` is required when a key is configured; CORS
-headers and preflights are answered for the /v1/realtime routes from the configured origins.
+signaling.options). The API key (`Authorization: Bearer KEY`, or on the WebSocket the browser's
+`openai-insecure-api-key.KEY` subprotocol) and CORS are the server's one policy, server.access,
+which also answers these routes' refusals in OpenAI's error shape.
 """
 from __future__ import annotations
 
-import hmac
-import json
 import logging
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 
-from engine.agent.conversation import TurnDetection
+from server import access
+from signaling.configure import build_conversation
 from signaling.datachannel import CHANNEL_LABEL, clamp_sctp_chunks
 from signaling.errors import CallError
 from signaling.host import RealtimeConfig, RealtimeModels
 from signaling.ice import ice_servers_for_browser
-from signaling.options import OptionsError, SessionOptions, from_query, from_session
+from signaling.offers import aiortc_errors, check_offer, parse_offer, read_offer
+from signaling.options import OptionsError, from_query
 from signaling.registry import CallRegistry
-from signaling.configure import build_conversation
 from signaling.protocol import MAX_AUDIO_MESSAGE_BYTES
 from signaling.session import PeerCall
-from signaling.websocket import HEARTBEAT_SECONDS, SUBPROTOCOL, RealtimeSocket, subprotocol_key
+from signaling.websocket import HEARTBEAT_SECONDS, SUBPROTOCOL, RealtimeSocket
 
 log = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 CALLS_PATH = "/v1/realtime/calls"
-CORS_PREFIX = "/v1/realtime"
+REALTIME_PREFIX = "/v1/realtime"
 CALLS = web.AppKey("realtime_calls", CallRegistry)
 MODELS = web.AppKey("realtime_models", object)
 CONFIG = web.AppKey("realtime_config", RealtimeConfig)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
 
 def install(app: web.Application, *, services: RealtimeModels, config: RealtimeConfig) -> None:
-    """Add the realtime routes, the CORS and auth handling for them, and the web page to `app`."""
+    """Add the realtime routes and the web page to `app`. The API key, CORS and last-resort errors
+    are the server's one policy (server.access; installed here when the app has none yet), with
+    OpenAI's error shape under /v1/realtime."""
     clamp_sctp_chunks()
     app[CALLS] = CallRegistry(config.max_sessions)
     app[MODELS] = services
     app[CONFIG] = config
-    app.middlewares.append(_cors_middleware(config.cors_origins))
+    access.install(app, api_key=config.api_key, cors_origins=config.cors_origins)
+    access.add_error_style(app, REALTIME_PREFIX, access.openai_error, name="realtime")
 
     async def close_calls(app: web.Application) -> None:
         await app[CALLS].close_all()
@@ -82,95 +81,18 @@ def error_response(status: int, code: str, message: str, *, type_: str | None = 
     return web.json_response(body, status=status, headers=headers)
 
 
-def _unauthorized(request: web.Request, *, offered: str | None = None) -> web.Response | None:
-    """401 unless the request carries the API key (`offered`: a key sent another way, e.g. as a
-    WebSocket subprotocol by a browser)."""
-    key = request.app[CONFIG].api_key
-    if not key:
-        return None
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), str(key).encode()):
-        return None
-    if offered is not None and hmac.compare_digest(offered.encode(), str(key).encode()):
-        return None
-    return error_response(401, "invalid_api_key", "missing or wrong API key: send Authorization: Bearer KEY")
-
-
-# --------------------------------------------------------------------------- CORS
-def _cors_middleware(origins: tuple[str, ...]):
-    """CORS for /v1/realtime only (other routes belong to the server, which has its own policy)."""
-
-    @web.middleware
-    async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not request.path.startswith(CORS_PREFIX):
-            return await handler(request)
-        origin = request.headers.get("Origin")
-        allowed = origin is not None and ("*" in origins or origin.rstrip("/") in origins)
-        if request.method == "OPTIONS" and request.headers.get("Access-Control-Request-Method"):
-            if not allowed:
-                return error_response(403, "cors_origin_not_allowed", f"origin {origin!r} is not allowed")
-            response: web.StreamResponse = web.Response(status=204, headers={
-                "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
-                "Access-Control-Allow-Headers": request.headers.get("Access-Control-Request-Headers",
-                                                                    "Authorization, Content-Type"),
-                "Access-Control-Max-Age": "600"})
-        else:
-            try:
-                response = await handler(request)
-            except web.HTTPException as exc:
-                response = exc
-            if isinstance(response, web.WebSocketResponse):
-                return response  # already sent (and browsers send no CORS checks for WebSockets)
-        if allowed:
-            response.headers["Access-Control-Allow-Origin"] = origin  # type: ignore[assignment]
-            response.headers["Access-Control-Expose-Headers"] = "Location"
-            response.headers["Vary"] = "Origin"
-        if isinstance(response, web.HTTPException):
-            raise response
-        return response
-
-    return cors
-
-
 # --------------------------------------------------------------------------- handlers
-async def _read_offer(request: web.Request) -> tuple[str, SessionOptions]:
-    options = from_query(request.query)
-    ctype = request.content_type
-    if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        form = await request.post()
-        sdp = form.get("sdp")
-        if sdp is None:
-            raise CallError(400, "missing_sdp", "multipart offers need an `sdp` field")
-        if hasattr(sdp, "file"):
-            sdp = sdp.file.read().decode("utf-8", "replace")  # type: ignore[union-attr]
-        session = form.get("session")
-        if session is not None:
-            if hasattr(session, "file"):
-                session = session.file.read().decode("utf-8", "replace")  # type: ignore[union-attr]
-            try:
-                parsed = json.loads(str(session))
-            except json.JSONDecodeError as exc:
-                raise CallError(400, "invalid_session", f"the `session` field is not JSON: {exc.msg}",
-                                param="session") from None
-            # Query values are the base; the session object overrides field by field.
-            base = options.turn_detection if isinstance(options.turn_detection, TurnDetection) else None
-            options = options.merged(from_session(parsed, base))
-        return str(sdp), options
-    if ctype in ("application/sdp", "text/plain", "application/octet-stream", ""):
-        return await request.text(), options
-    raise CallError(415, "unsupported_media_type",
-                    f"send the SDP offer as application/sdp (or multipart/form-data), not {ctype}")
-
-
+@access.requires_key("realtime")
 async def create_call(request: web.Request) -> web.Response:
-    if (denied := _unauthorized(request)) is not None:
-        return denied
     registry = request.app[CALLS]
     try:
-        sdp, options = await _read_offer(request)
+        sdp, options = await read_offer(request)
+        check_offer(sdp)  # our clear 400s first (no audio, no Opus, too large), then aiortc's parser
+        parse_offer(sdp)
         async with registry.reserve():
-            call = await PeerCall.start(sdp, services=request.app[MODELS], config=request.app[CONFIG],
-                                        registry=registry, options=options)
+            with aiortc_errors():
+                call = await PeerCall.start(sdp, services=request.app[MODELS], config=request.app[CONFIG],
+                                            registry=registry, options=options)
     except OptionsError as exc:
         return error_response(400, "invalid_value", str(exc), param=exc.param)
     except CallError as exc:
@@ -180,13 +102,12 @@ async def create_call(request: web.Request) -> web.Response:
                         headers={"Location": f"{CALLS_PATH}/{call.id}"})
 
 
+@access.requires_key("realtime")
 async def realtime_socket(request: web.Request) -> web.StreamResponse:
     """GET /v1/realtime: a WebSocket session (refusals come as HTTP errors before the upgrade)."""
     if request.headers.get("Upgrade", "").lower() != "websocket":
         return error_response(426, "websocket_required", "GET /v1/realtime opens a WebSocket (Upgrade: websocket); "
                                                          "POST an SDP offer to /v1/realtime/calls for WebRTC")
-    if (denied := _unauthorized(request, offered=subprotocol_key(request))) is not None:
-        return denied
     registry = request.app[CALLS]
     services, config = request.app[MODELS], request.app[CONFIG]
     try:
@@ -220,9 +141,8 @@ def _find_call(request: web.Request) -> PeerCall | web.Response:
     return call
 
 
+@access.requires_key("realtime")
 async def hang_up(request: web.Request) -> web.Response:
-    if (denied := _unauthorized(request)) is not None:
-        return denied
     call = _find_call(request)
     if isinstance(call, web.Response):
         return call
@@ -230,18 +150,16 @@ async def hang_up(request: web.Request) -> web.Response:
     return web.json_response({"id": call.id, "status": "closed"})
 
 
+@access.requires_key("realtime")
 async def get_call(request: web.Request) -> web.Response:
-    if (denied := _unauthorized(request)) is not None:
-        return denied
     call = _find_call(request)
     if isinstance(call, web.Response):
         return call
     return web.json_response({**call.stats(), "session": call.describe()})
 
 
+@access.requires_key("realtime")
 async def get_config(request: web.Request) -> web.Response:
-    if (denied := _unauthorized(request)) is not None:
-        return denied
     services, config = request.app[MODELS], request.app[CONFIG]
     modes = [m for m, ok in (("agent", services.llm is not None), ("tts", services.tts is not None)) if ok]
     registry = request.app[CALLS]

@@ -32,7 +32,7 @@ from signaling.dispatch import RealtimeControl
 from signaling.errors import CallError
 from signaling.host import CallLimits, RealtimeConfig, RealtimeModels
 from signaling.ice import ice_configuration
-from signaling.offer import check_offer
+from signaling.offers import check_offer
 from signaling.options import SessionOptions
 from signaling.protocol.ga import RealtimeEvents
 from signaling.registry import CallRegistry
@@ -57,6 +57,7 @@ class PeerCall:
                                        events=self.events, send=self.send, options=options,
                                        model=config.model_name)
         self.realtime = RealtimeEvents(self.events, transport="webrtc", session_id=self.id,
+                                       observe_latency=config.observe_latency,
                                        response_metadata=self.control.response_metadata)
         self.control.on_item_added = self.realtime.note_item
         self.control.hooks[ev.OutputAudioBufferClear] = self._clear_output

@@ -30,18 +30,8 @@ from signaling.registry import CallRegistry
 log = logging.getLogger(__name__)
 
 SUBPROTOCOL = "realtime"
-KEY_SUBPROTOCOL = "openai-insecure-api-key."  # browsers cannot set headers on a WebSocket
 HEARTBEAT_SECONDS = 20.0  # a client that stops answering pings is gone
 MAX_OUTBOX = 4096  # events waiting for a slow client before the session is ended
-
-
-def subprotocol_key(request: web.Request) -> str | None:
-    """The API key a browser passes as a `openai-insecure-api-key.<KEY>` subprotocol, if any."""
-    offered = request.headers.get("Sec-WebSocket-Protocol", "")
-    for proto in (p.strip() for p in offered.split(",")):
-        if proto.startswith(KEY_SUBPROTOCOL):
-            return proto[len(KEY_SUBPROTOCOL):]
-    return None
 
 
 class RealtimeSocket:
@@ -61,6 +51,7 @@ class RealtimeSocket:
         self.control.on_formats = self._formats_changed
         self.realtime = RealtimeEvents(self.events, transport="websocket", session_id=self.id,
                                        output_format=self.control.output_format,
+                                       observe_latency=config.observe_latency,
                                        response_metadata=self.control.response_metadata)
         self.control.on_item_added = self.realtime.note_item
         self.decoder = InputDecoder(self.control.input_format)

@@ -52,6 +52,7 @@ class ModelWorker:
         self._stopped = False
         self.batches_run = 0
         self.largest_batch = 0
+        self.batch_sizes: collections.Counter[int] = collections.Counter()  # batch size -> batches run (metrics)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -123,6 +124,7 @@ class ModelWorker:
                 continue
             self.batches_run += 1
             self.largest_batch = max(self.largest_batch, len(items))
+            self.batch_sizes[len(items)] += 1
             for j in members:
                 j.waiting = None
 
