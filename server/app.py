@@ -8,7 +8,7 @@
         POST /v1/references/update
     OpenAI audio: POST /v1/audio/speech, POST /v1/audio/transcriptions, POST /v1/audio/translations,
         GET /v1/audio/voices, GET /v1/models, GET /v1/models/{id}
-    realtime (signaling): /v1/realtime/..., and the web page at /
+    realtime (signaling): /v1/realtime/..., phone calls /v1/telephony/..., and the web page at /
     GET /metrics (Prometheus), GET /openapi.json (OpenAPI 3.1, no key), GET /docs (its page, no key)
 """
 from __future__ import annotations
@@ -72,7 +72,10 @@ def realtime_config(settings: Settings) -> signaling.RealtimeConfig:
         api_key=settings.api_key, cors_origins=tuple(settings.cors_origins), ice_servers=tuple(settings.ice_servers),
         max_sessions=settings.max_sessions, mode=settings.mode, instructions=settings.instructions,
         llm_max_tokens=settings.llm_max_tokens, sampling=settings.realtime_sampling, limits=limits,
-        model_name=settings.checkpoint,
+        model_name=settings.checkpoint, telephony=signaling.TelephonyConfig(
+            twilio_auth_token=settings.twilio_auth_token, public_url=settings.telephony_public_url,
+            webhook_key=settings.telephony_webhook_key, token_secret=settings.telephony_token_secret,
+            liveness_timeout=settings.telephony_liveness_timeout),
         observe_latency=lambda latency_ms: metrics.observe_turn_latency(latency_ms, source="realtime"))
 
 
