@@ -48,6 +48,10 @@ class RealtimeControl:
         self.max_message_bytes = max_message_bytes
         self.hooks: dict[type, Hook] = {}  # transport-specific client events
         self.on_formats: Callable[[], None] | None = None  # the transport re-reads input/output formats
+        self.on_item_added: Callable[[str], None] | None = None  # a client item joined the conversation
+        # response id -> the `metadata` its response.create carried, echoed on its response object
+        # (LiveKit's plugin pairs generate_reply() with response.created by it)
+        self.response_metadata: dict[str, dict[str, Any]] = {}
 
     def describe(self) -> dict[str, Any]:
         conv = self.conversation
@@ -131,6 +135,8 @@ class RealtimeControl:
                                     t=self.now()))
         self.send(self.events.build("conversation.item.done", {"previous_item_id": previous, "item": item},
                                     t=self.now()))
+        if self.on_item_added is not None:
+            self.on_item_added(item_id)
 
     async def _on_ConversationItemRetrieve(self, event: ev.ConversationItemRetrieve) -> None:
         item = self.conversation.get_item(event.item_id)
@@ -159,9 +165,14 @@ class RealtimeControl:
         voice_value = voice_value or params.get("voice")
         if isinstance(voice_value, dict):
             voice_value = voice_value.get("id")
+        metadata = params.get("metadata")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise OptionsError("response.metadata", "must be an object")
         voice = await resolve_voice(self.services, str(voice_value)) if voice_value else None
-        await self.conversation.create_response(instructions=instructions, text_only="audio" not in modalities,
-                                                voice=voice)
+        response_id = await self.conversation.create_response(instructions=instructions,
+                                                              text_only="audio" not in modalities, voice=voice)
+        if metadata and response_id:
+            self.response_metadata[response_id] = metadata
 
     async def _on_ResponseCancel(self, event: ev.ResponseCancel) -> None:
         await self.conversation.cancel_response()
