@@ -12,11 +12,15 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import base64
+import io
 import secrets
 import time
 import types
+import wave
 from pathlib import Path
 
+import aiohttp
 import numpy as np
 import pytest
 
@@ -77,13 +81,14 @@ async def server(models):
 def wire(monkeypatch):
     """Every message Pipecat's service sent and received, and whether Pipecat's own models parsed
     what it received (a parse failure ends its receive loop)."""
-    log = types.SimpleNamespace(sent=[], received=[], unparsed=[])
+    log = types.SimpleNamespace(sent=[], received=[], unparsed=[], largest=0)
     parse = pipecat_events.parse_server_event
     ws_send = pipecat_llm.OpenAIRealtimeLLMService._ws_send
 
     def recording_parse(message):
         event = json.loads(message)
         log.received.append(event)
+        log.largest = max(log.largest, len(message.encode() if isinstance(message, str) else message))
         try:
             return parse(message)
         except Exception as exc:
@@ -119,10 +124,11 @@ class Call:
     """One Pipecat pipeline against the server: mic -> user context -> tap -> realtime service ->
     tap -> speaker -> assistant context."""
 
-    def __init__(self, server, *, text_only: bool = False, context: LLMContext | None = None) -> None:
+    def __init__(self, server, *, text_only: bool = False, context: LLMContext | None = None,
+                 voice: str = "alloy") -> None:
         url = server.base_url.replace("http", "ws") + "/v1/realtime"
         self.mic, self.speaker = bot.PcmInput(), bot.PcmSpeaker()
-        self.llm = bot.realtime_service(url, "sekrit", text_only=text_only)
+        self.llm = bot.realtime_service(url, "sekrit", text_only=text_only, voice=voice)
         self.context = context or LLMContext()
         user, assistant = LLMContextAggregatorPair(self.context)
         self.up, self.down = Tap(), Tap()
@@ -180,12 +186,13 @@ def pcm24k(text: str) -> bytes:
     return np.concatenate(out).astype("<i2").tobytes()
 
 
-def assert_wire_clean(wire) -> None:
+def assert_wire_clean(wire, allowed_errors: tuple[str, ...] = ()) -> None:
     """What Pipecat relies on: each event parsed, carries an event_id, no `error`; deltas and
     dones name their response, item, output and content index; every response.created ends in a
     response.done."""
     assert not wire.unparsed, wire.unparsed
-    errors = [e for e in wire.received if e["type"] == "error"]
+    assert wire.largest < 1 << 20, wire.largest  # every WebSocket message under 1 MiB
+    errors = [e for e in wire.received if e["type"] == "error" and e["error"]["code"] not in allowed_errors]
     assert not errors, errors
     for event in wire.received:
         assert event.get("event_id"), event["type"]
@@ -275,10 +282,18 @@ async def test_barge_in_cancels_the_reply(server, wire):
         await call.until(lambda: bool(call.speaker.first_audio_at))
         await call.say("Stop, stop, please stop talking now.")  # speech while the reply plays
         await call.until(lambda: len(call.responses_done(wire)) >= 2)
-    first = call.responses_done(wire)[0]["response"]
-    sent = [m["type"] for m in wire.sent]
-    assert "conversation.item.truncate" in sent, sent  # Pipecat cut the reply where it was heard
-    assert first["status"] == "cancelled", first["status"]
+        session = next(iter(server.calls.values()))
+        items = session.conversation.items()
+    first, second = (r["response"] for r in call.responses_done(wire)[:2])
+    assert first["status"] == "cancelled" and second["status"] == "completed", (first, second)
+    truncate = [m for m in wire.sent if m["type"] == "conversation.item.truncate"]
+    assert truncate and truncate[0]["item_id"] == first["output"][0]["id"]  # Pipecat cut it where it was heard
+    # The server keeps only what was heard of the cut reply (maybe nothing), then the new turn.
+    generated = first["output"][0]["content"][0].get("transcript") or ""
+    cut = [i for i in items if i.id == first["output"][0]["id"]]
+    assert not cut or (generated.startswith(cut[0].text) and len(cut[0].text) < len(generated)), (cut, generated)
+    assert [i.role for i in items if i not in cut] == ["user", "user", "assistant"], items
+    assert items[-1].id == second["output"][0]["id"]
     assert_wire_clean(wire)
 
 
@@ -312,6 +327,49 @@ async def test_odd_but_legal_events_keep_the_session(server, wire):
         await call.until(lambda: call.responses_done(wire))
         reply = call.responses_done(wire)[-1]["response"]["output"][0]["id"]
         await send(pipecat_events.ConversationItemTruncateEvent(item_id=reply, content_index=0, audio_end_ms=0))
-        await send(pipecat_events.ConversationItemRetrieveEvent(item_id=reply, event_id=f"rci_{reply}"))
-        await call.until(lambda: any(e["type"] == "conversation.item.retrieved" for e in wire.received), 20)
+        item = await asyncio.wait_for(call.llm.retrieve_conversation_item(reply), 20)
+        assert item.id == reply and item.role == "assistant"
+        # An unknown item is an error, one Pipecat's own retrieve call turns into an exception (not a dead call).
+        with pytest.raises(Exception, match="no conversation item"):
+            await asyncio.wait_for(call.llm.retrieve_conversation_item("item_nope"), 20)
+        await send(pipecat_events.ResponseCreateEvent())
+        await call.until(lambda: len(call.responses_done(wire)) >= 2)
+        assert not call.up.of(ErrorFrame)
+    assert_wire_clean(wire, allowed_errors=("item_retrieve_invalid_item_id",))
+    errors = [e["error"] for e in wire.received if e["type"] == "error"]
+    assert [e["code"] for e in errors] == ["item_retrieve_invalid_item_id"], errors
+
+
+async def test_audio_before_the_first_session_update_is_taken(server):
+    """Clients start streaming the microphone as soon as the socket opens."""
+    url = server.base_url.replace("http", "ws") + "/v1/realtime?model=gpt-realtime"
+    speech = base64.b64encode(pcm24k(QUESTION)[:24_000 * 2]).decode()
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(url, headers={"Authorization": "Bearer sekrit"}) as ws:
+            await ws.send_json({"type": "input_audio_buffer.append", "audio": speech})
+            await ws.send_json({"type": "session.update", "session": {"type": "realtime"}})
+            seen = []
+            while "session.updated" not in seen:
+                seen.append(json.loads((await asyncio.wait_for(ws.receive(), 20)).data)["type"])
+            assert "error" not in seen, seen
+
+
+async def test_a_cloned_voice_is_chosen_by_a_plain_string(server, models, wire):
+    """Pipecat (like other typed clients) takes `audio.output.voice` only as a string: a saved
+    reference id is that string, and the session reports it back as sent."""
+    sample = io.BytesIO()
+    with wave.open(sample, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16_000)
+        w.writeframes((speechkit.espeak_wav("Hello from the server.") * 32767).astype("<i2").tobytes())
+    if not models.references.exists("pipecat-voice"):
+        models.references.add("pipecat-voice", sample.getvalue(), "Hello from the server.", "voice.wav")
+    context = LLMContext(messages=[{"role": "user", "content": QUESTION}])
+    async with Call(server, context=context, voice="pipecat-voice") as call:
+        await call.worker.queue_frame(LLMRunFrame())
+        await call.until(lambda: call.responses_done(wire) and call.speaker.stopped.is_set())
+    updated = [e for e in wire.received if e["type"] == "session.updated"][-1]["session"]
+    assert updated["audio"]["output"]["voice"] == "pipecat-voice"
+    assert len(call.speaker.audio) > 24_000  # it spoke (with the cloned voice's prompt)
     assert_wire_clean(wire)
