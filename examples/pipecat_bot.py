@@ -30,7 +30,8 @@ from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.aggregators.llm_response_universal import LLMContextAggregatorPair
 from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.openai.realtime.events import (AudioConfiguration, AudioInput, AudioOutput,
-                                                     InputAudioTranscription, SessionProperties, TurnDetection)
+                                                     InputAudioTranscription, SemanticTurnDetection, SessionProperties,
+                                                     TurnDetection)
 from pipecat.services.openai.realtime.llm import OpenAIRealtimeLLMService
 from pipecat.transports.base_input import BaseInputTransport
 from pipecat.transports.base_output import BaseOutputTransport
@@ -43,14 +44,16 @@ INSTRUCTIONS = "You are a helpful voice assistant. Answer in one short sentence.
 
 
 def realtime_service(url: str, api_key: str, *, voice: str = "alloy", model: str = "gpt-realtime",
-                     instructions: str = INSTRUCTIONS, text_only: bool = False) -> OpenAIRealtimeLLMService:
+                     instructions: str = INSTRUCTIONS, text_only: bool = False,
+                     turn_detection: TurnDetection | SemanticTurnDetection | None = None) -> OpenAIRealtimeLLMService:
     """Pipecat's OpenAI Realtime service pointed at a fishvoice server. `voice` is an OpenAI voice
-    name (our default voice) or a saved reference id (a cloned voice)."""
+    name (our default voice) or a saved reference id (a cloned voice); turns are the server's
+    VAD (default: end of speech after 500 ms of silence)."""
     session = SessionProperties(
         output_modalities=["text"] if text_only else ["audio"],
         audio=AudioConfiguration(
             input=AudioInput(transcription=InputAudioTranscription(model="whisper-1"),
-                             turn_detection=TurnDetection(silence_duration_ms=500)),
+                             turn_detection=turn_detection or TurnDetection(silence_duration_ms=500)),
             output=AudioOutput(voice=voice)))
     return OpenAIRealtimeLLMService(
         api_key=api_key, base_url=url,
@@ -158,6 +161,7 @@ async def run_file(args: argparse.Namespace) -> None:
             await asyncio.wait_for(speaker.stopped.wait(), args.timeout)
         finally:
             talking.cancel()
+        await asyncio.sleep(0.5)  # the assistant aggregator records the reply once it has played
         with wave.open(args.out, "wb") as w:
             w.setnchannels(1)
             w.setsampwidth(2)

@@ -125,10 +125,11 @@ class Call:
     tap -> speaker -> assistant context."""
 
     def __init__(self, server, *, text_only: bool = False, context: LLMContext | None = None,
-                 voice: str = "alloy") -> None:
+                 voice: str = "alloy", turn_detection=None) -> None:
         url = server.base_url.replace("http", "ws") + "/v1/realtime"
         self.mic, self.speaker = bot.PcmInput(), bot.PcmSpeaker()
-        self.llm = bot.realtime_service(url, "sekrit", text_only=text_only, voice=voice)
+        self.llm = bot.realtime_service(url, "sekrit", text_only=text_only, voice=voice,
+                                        turn_detection=turn_detection)
         self.context = context or LLMContext()
         user, assistant = LLMContextAggregatorPair(self.context)
         self.up, self.down = Tap(), Tap()
@@ -275,8 +276,13 @@ async def test_spoken_turns_with_server_vad_keep_history(server, wire):
     assert_wire_clean(wire)
 
 
-async def test_barge_in_cancels_the_reply(server, wire):
-    async with Call(server) as call:
+@pytest.mark.parametrize("turns", ["server_vad", "truncate_only"])
+async def test_barge_in_cancels_the_reply(server, wire, turns):
+    """Speech while the reply plays: the server's VAD cancels it (interrupt_response, true by
+    default), or, with interrupt_response off, Pipecat's conversation.item.truncate alone stops it."""
+    detection = (pipecat_events.SemanticTurnDetection(create_response=True, interrupt_response=False)
+                 if turns == "truncate_only" else None)
+    async with Call(server, turn_detection=detection) as call:
         await call.until(lambda: any(e["type"] == "session.updated" for e in wire.received), 20)
         await call.say(QUESTION)
         await call.until(lambda: bool(call.speaker.first_audio_at))
@@ -285,6 +291,9 @@ async def test_barge_in_cancels_the_reply(server, wire):
         session = next(iter(server.calls.values()))
         items = session.conversation.items()
     first, second = (r["response"] for r in call.responses_done(wire)[:2])
+    updated = [e for e in wire.received if e["type"] == "session.updated"][-1]["session"]
+    turn = updated["audio"]["input"]["turn_detection"]
+    assert turn["create_response"] is True and turn["interrupt_response"] is (turns == "server_vad"), turn
     assert first["status"] == "cancelled" and second["status"] == "completed", (first, second)
     truncate = [m for m in wire.sent if m["type"] == "conversation.item.truncate"]
     assert truncate and truncate[0]["item_id"] == first["output"][0]["id"]  # Pipecat cut it where it was heard
