@@ -30,8 +30,8 @@ from rtc_client import LocalServer
 pytest.importorskip("pipecat")
 pytestmark = pytest.mark.skipif(not speechkit.espeak_available(), reason="espeak-ng/sox not installed")
 
-from pipecat.frames.frames import (EndFrame, ErrorFrame, Frame, LLMFullResponseEndFrame,  # noqa: E402
-                                   LLMRunFrame, LLMTextFrame, TranscriptionFrame)
+from pipecat.frames.frames import (EndFrame, ErrorFrame, Frame, LLMRunFrame, LLMTextFrame,  # noqa: E402
+                                   TranscriptionFrame)
 from pipecat.pipeline.pipeline import Pipeline  # noqa: E402
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker  # noqa: E402
 from pipecat.processors.aggregators.llm_context import LLMContext  # noqa: E402
