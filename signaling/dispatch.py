@@ -81,8 +81,10 @@ class RealtimeControl:
         except OptionsError as exc:
             self.error("invalid_value", str(exc), param=exc.param, event_id=event.event_id)
         except LookupError as exc:
-            self.error("item_not_found", f"no conversation item {exc.args[0]!r}", param="item_id",
-                       event_id=event.event_id)
+            # OpenAI's codes name the verb (item_retrieve_invalid_item_id, ...); Pipecat keys on them
+            verb = event.type.rsplit(".", 1)[-1] if event.type.startswith("conversation.item.") else None
+            self.error(f"item_{verb}_invalid_item_id" if verb else "item_not_found",
+                       f"no conversation item {exc.args[0]!r}", param="item_id", event_id=event.event_id)
         except ValueError as exc:  # the conversation refused it (empty text, agent mode without LLM, ...)
             self.error("invalid_request", str(exc), event_id=event.event_id)
         except RuntimeError as exc:  # the conversation is closing

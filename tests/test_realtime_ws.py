@@ -166,7 +166,7 @@ async def test_bad_events_get_error_events_and_the_session_goes_on(server):
         assert error.error.event_id == "evt_2" and "base64" in error.error.message
         await conn.send({"type": "conversation.item.retrieve", "item_id": "item_nope", "event_id": "evt_3"})
         error = (await events_until(conn, "error", 20))[-1]
-        assert error.error.event_id == "evt_3" and error.error.code == "item_not_found"
+        assert error.error.event_id == "evt_3" and error.error.code == "item_retrieve_invalid_item_id"
         await conn.session.update(session={"type": "realtime", "instructions": "Still here."})
         updated = (await events_until(conn, "session.updated", 20))[-1]
         assert updated.session.instructions == "Still here."
