@@ -53,20 +53,6 @@ DONES = ("response.output_audio.done", "response.output_audio_transcript.done", 
          "response.content_part.done", "response.content_part.added")
 
 
-@pytest.fixture(scope="module")
-def models(tts_engine, tmp_path_factory):
-    from engine.agent.asr import Transcriber
-    from engine.agent.llm.embedded import EmbeddedLLM
-    from engine.agent.vad import SileroVAD
-    from server.references import ReferenceStore
-
-    llm = EmbeddedLLM.load()
-    references = ReferenceStore(tmp_path_factory.mktemp("references"))
-    yield types.SimpleNamespace(asr=Transcriber.load(), vad=SileroVAD.load(), llm=llm, tts=tts_engine,
-                                references=references, loading=False)
-    llm.close()
-
-
 @pytest.fixture
 async def server(models):
     from engine.speech.types import SamplingOptions

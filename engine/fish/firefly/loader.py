@@ -17,7 +17,7 @@ from torch import Tensor
 
 from engine.fish.codec.config import WN_NEW
 from engine.fish.codec.errors import CodecCheckpointError
-from engine.fish.codec.loader import _listing, _respell_weight_norm, read_state_dict
+from engine.fish.codec.loader import _respell_weight_norm, load_checked, read_state_dict
 from engine.fish.firefly.config import FireflyConfig
 from engine.fish.firefly.model import FireflyCodec
 
@@ -48,23 +48,7 @@ def load_firefly(source: str | os.PathLike[str] | Mapping[str, Tensor], device: 
         codec = FireflyCodec(config)
     expected = codec.state_dict()
     state = _unfold_plain_weights(_respell_weight_norm(state, expected), expected)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_listing(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_listing(unexpected)}")
-        raise CodecCheckpointError("Firefly codec weights do not match the architecture their shapes describe; "
-                                   + "; ".join(parts))
-    wrong = [f"{k} {list(state[k].shape)} (expected {list(v.shape)})" for k, v in expected.items()
-             if state[k].shape != v.shape]
-    if wrong:
-        raise CodecCheckpointError(f"Firefly codec weights have inconsistent shapes: {_listing(wrong)}")
-    codec.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
-    codec.requires_grad_(False).eval()
-    codec.fold_weight_norm()  # in float32, before any cast
+    load_checked(codec, state, "Firefly codec")
     codec = codec.to(device=device or "cpu", dtype=dtype or torch.float32)
     codec.spec_transform.init_buffers(codec.device)  # the mel front end stays float32
     return codec
