@@ -31,8 +31,8 @@ DEFAULT_LIMITS: dict[str, tuple[str, int | None]] = {
     "tts": ("200 per 10 seconds", 20),  # /v1/tts, /v1/audio/speech
     "asr": ("100 per 10 seconds", 20),  # /v1/audio/transcriptions, /translations
     "references": ("100 per 10 seconds", 8),  # add, update, delete
-    "client-secrets": ("100 per 60 seconds", None),
-    "realtime-session": ("30 per 60 seconds", None),  # opening calls and WebSockets; live ones are MAX_SESSIONS
+    "client-secrets": ("200 per 10 seconds", None),  # an app's backend mints one per visitor
+    "realtime-session": ("100 per 10 seconds", None),  # opening calls and WebSockets; live ones are MAX_SESSIONS
     "read": ("1000 per 10 seconds", None),  # listings, call state, models, metrics
 }
 

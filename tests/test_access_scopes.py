@@ -142,3 +142,18 @@ def test_keys_file_reloads_and_a_broken_one_keeps_the_last_good(server):
 def test_keys_file_errors_say_what(text, fragment):
     with pytest.raises(KeysFileError, match=fragment):
         parse_keys(text)
+
+
+def test_openapi_shows_the_scopes_and_limits(server):
+    doc = requests.get(server.url + "/openapi.json").json()
+    assert set(doc["components"]["securitySchemes"]) == {"bearer", "clientSecret"}
+    purge = doc["paths"]["/purge-queue"]["post"]
+    assert purge["security"] == [{"bearer": ["admin"]}] and purge["x-rate-limit"]["requests"] == 2
+    assert doc["paths"]["/v1/realtime/calls"]["post"]["security"] == [{"bearer": ["realtime"]}, {"clientSecret": []}]
+    assert doc["paths"]["/health"]["get"]["security"] == []
+    for path, item in doc["paths"].items():
+        for op in item.values():
+            assert "security" in op, path
+            rule = scopes.rule_for(path)
+            if rule.scope not in (None, scopes.ANY):
+                assert op["security"][0]["bearer"] == [rule.scope], path

@@ -185,3 +185,22 @@ async def test_sdk_mints_then_opens_a_websocket_and_a_webrtc_call_with_the_secre
         assert await call.hang_up() == 403
     finally:
         await call.close()
+
+
+async def test_a_browser_websocket_passes_the_secret_as_a_subprotocol(server):
+    """Browsers cannot set headers on a WebSocket: the secret rides in `openai-insecure-api-key.<ek_>`."""
+    import json
+
+    import aiohttp
+
+    backend = openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key=KEY)
+    secret = await backend.realtime.client_secrets.create(session={"type": "realtime", "instructions": INSTRUCTIONS})
+    ws_url = server.base_url.replace("http", "ws") + "/v1/realtime?model=gpt-realtime"
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(ws_url, protocols=("realtime", "openai-insecure-api-key." + secret.value)) as ws:
+            created = json.loads((await ws.receive(timeout=30)).data)
+            assert created["type"] == "session.created" and created["session"]["instructions"] == INSTRUCTIONS
+        forged = "openai-insecure-api-key." + secret.value[:-2] + "xx"
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(ws_url, protocols=("realtime", forged))
+        assert refused.value.status == 401
