@@ -92,6 +92,12 @@ class Settings(BaseSettings):
     def _lists(cls, value: Any) -> Any:
         return _split_list(value)
 
+    @field_validator("rate_limits", "concurrency_limits", mode="before")
+    @classmethod
+    def _json_object(cls, value: Any) -> Any:
+        """A JSON object given as text (a command-line flag) -> a dict."""
+        return json.loads(value) if isinstance(value, str) and value.strip() else value
+
     @field_validator("api_key", "client_secret_key", "keys_file", "llm_base_url", "llm_api_key", "llm_gguf", "device", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
