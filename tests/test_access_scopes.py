@@ -157,3 +157,40 @@ def test_openapi_shows_the_scopes_and_limits(server):
             rule = scopes.rule_for(path)
             if rule.scope not in (None, scopes.ANY):
                 assert op["security"][0]["bearer"] == [rule.scope], path
+
+
+def test_a_references_key_changes_only_its_own_voices(tmp_path):
+    """Deleting, renaming or replacing another key's voice needs the admin scope."""
+    import numpy as np
+
+    from engine.audio import encode_audio
+
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[[key]]\nname = "alice"\nkey = "alice-key-0123456789"\nscopes = ["references"]\n'
+                    '[[key]]\nname = "bob"\nkey = "bob-key-0123456789ab"\nscopes = ["references"]\n'
+                    '[[key]]\nname = "ops"\nkey = "%s"\nscopes = ["references", "admin"]\n' % ADMIN_KEY)
+    settings = Settings(data_dir=tmp_path, mode="tts", keys_file=keys, asr_model="none", llm_enabled=False)
+    t = np.arange(44100) / 44100
+    wav = encode_audio((0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 44100, "wav")
+    alice, bob, ops = (bearer(k) for k in ("alice-key-0123456789", "bob-key-0123456789ab", ADMIN_KEY))
+    with LiveServer(settings, Services(references=ReferenceStore(tmp_path / "references"))) as live:
+        def add(who, voice_id):
+            return requests.post(live.url + "/v1/references/add?format=json", headers=who,
+                                 files={"audio": ("a.wav", wav)}, data={"id": voice_id, "text": "hi"})
+
+        def delete(who, voice_id):
+            return requests.delete(live.url + "/v1/references/delete?format=json", headers=who,
+                                   json={"reference_id": voice_id})
+
+        assert add(alice, "alices").status_code == 200
+        assert add(bob, "alices").status_code == 403  # no replacing another key's voice
+        assert delete(bob, "alices").status_code == 403
+        rename = requests.post(live.url + "/v1/references/update?format=json", headers=bob,
+                               json={"old_reference_id": "alices", "new_reference_id": "bobs"})
+        assert rename.status_code == 403 and "admin" in rename.json()["message"]
+        renamed = requests.post(live.url + "/v1/references/update?format=json", headers=alice,
+                                json={"old_reference_id": "alices", "new_reference_id": "alices2"})
+        assert renamed.status_code == 200, renamed.text
+        assert delete(bob, "alices2").status_code == 403  # ownership moved with the rename
+        assert add(bob, "bobs").status_code == 200 and delete(bob, "bobs").status_code == 200
+        assert delete(ops, "alices2").status_code == 200  # admin may
