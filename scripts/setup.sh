@@ -11,7 +11,7 @@ VENV=.venv
 
 # --- system packages: espeak-ng/sox make test speech, chromium drives the web page tests, ffmpeg libs come with av wheels
 need_apt=()
-for bin in espeak-ng sox chromium chromedriver npm; do
+for bin in espeak-ng sox chromium chromedriver npm redis-server; do
   command -v "$bin" >/dev/null || need_apt+=("$bin")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

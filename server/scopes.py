@@ -57,6 +57,13 @@ ROUTES: dict[str, Rule] = {
     "/v1/realtime/calls/{call_id}/hangup": Rule("realtime", "read"),
     "/v1/realtime/config": Rule("realtime", "read"),
     "/v1/realtime/client_secrets": Rule("realtime", "client-secrets"),
+    # phone calls: the carriers authenticate themselves (X-Twilio-Signature or TELEPHONY_WEBHOOK_KEY on the
+    # webhooks, a single-use signed token on the stream), never with our API key
+    "/v1/telephony/twilio/voice": PUBLIC,
+    "/v1/telephony/telnyx/voice": PUBLIC,
+    "/v1/telephony/plivo/voice": PUBLIC,
+    "/v1/telephony/stream": PUBLIC,
+    "/v1/telephony/{carrier}/stream": PUBLIC,
     # operations and the web page
     "/metrics": Rule("admin", "read"),
     "/openapi.json": PUBLIC,
