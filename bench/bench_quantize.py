@@ -70,22 +70,52 @@ def teacher_forced(runner: DualARRunner, prompt: torch.Tensor, codes: torch.Tens
     return slow, fast
 
 
-def speed(runner: DualARRunner, prompt: torch.Tensor, frames: int) -> tuple[float, float]:
-    """(prefill + first frame seconds, decode frames/s)."""
+def speed(runner: DualARRunner, prompt: torch.Tensor, frames: int) -> tuple[float, float, float, float]:
+    """Prefill + first frame seconds and decode frames/s, each by the wall clock and by this
+    process's CPU time (on a shared machine the CPU time shows the work; with one thread,
+    frames per CPU-second is the speed of one dedicated core)."""
     sampling = SamplingOptions(temperature=0.7, top_p=0.7, seed=0)
     runner.prefix_cache.max_entries = 0  # every variant prefills the whole prompt
     warm = runner.start(prompt[:, :32], sampling, 2)
     while warm.step() is not None:
         pass
     gen = runner.start(prompt, sampling, frames + 1)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     gen.step()
-    t_first = time.perf_counter() - t0
-    t1 = time.perf_counter()
+    t_first, c_first = time.perf_counter() - t0, time.process_time() - c0
+    t1, c1 = time.perf_counter(), time.process_time()
     n = 0
     while gen.step() is not None:
         n += 1
-    return t_first, n / (time.perf_counter() - t1)
+    return t_first, n / (time.perf_counter() - t1), c_first, n / (time.process_time() - c1)
+
+
+def kernels(layers: int = 40) -> None:
+    """One (1, 1024) x (1024 -> 3072) product per layer over `layers` distinct weights (more than
+    the last-level cache holds, as in decoding): time per product and weights per second."""
+    from engine.fish.quantize import Int4Linear, Int8Linear
+
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(3072, 1024, generator=g) * 0.02 for _ in range(layers)]
+    x = torch.randn(1, 1024, generator=g)
+    fns = {
+        "float32": [lambda w=w: torch.nn.functional.linear(x, w) for w in weights],
+        "bfloat16": [lambda w=w.bfloat16(): torch.nn.functional.linear(x.bfloat16(), w) for w in weights],
+        "int8": [Int8Linear.from_weight(w).__call__ for w in weights],
+        "int4": [Int4Linear.from_weight(w).__call__ for w in weights],
+    }
+    print("matrix-vector kernels, 3072x1024 weights, out of cache:")
+    for name, calls in fns.items():
+        arg = () if name in ("float32", "bfloat16") else (x,)
+        for f in calls[:4]:
+            f(*arg)
+        t0, c0 = time.perf_counter(), time.process_time()
+        for f in calls * 3:
+            f(*arg)
+        n = 3 * len(calls)
+        wall, cpu = (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
+        print(f"  {name:9} {wall * 1e3:7.3f} ms wall, {cpu * 1e3:7.3f} ms CPU = {3072 * 1024 / cpu / 1e9:5.2f} G weights "
+              "per CPU-second")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -99,9 +129,13 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=8, help="decoded frames timed per variant")
     ap.add_argument("--agree-frames", type=int, default=64, help="frames compared teacher-forced (0: skip)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--kernels", action="store_true", help="only time the matrix-vector kernels")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.kernels:
+        kernels()
+        return
     t0 = time.perf_counter()
     reference = build(args.family, "cpu", torch.float32)
     prompt = realistic_prompt(reference, 45, 215)
@@ -111,12 +145,13 @@ def main() -> None:
     if args.agree_frames:
         ref_codes = generate_codes(reference, prompt, SamplingOptions(greedy=True), args.agree_frames)
         ref_slow, ref_fast = teacher_forced(reference, prompt, ref_codes)
-    print(f"{'variant':9} {'prefill s':>9} {'frames/s':>8} {'weights MiB':>11} {'slow logit err':>14} "
+    print(f"{'variant':9} {'prefill s':>9} {'frames/s':>8} {'CPU s':>6} {'/CPU-s':>6} {'weights MiB':>11} {'slow logit err':>14} "
           f"{'fast logit err':>14} {'slow argmax':>11} {'fast argmax':>11}")
     for name in args.variants:
         runner = variant(reference, name)
-        first, fps = speed(runner, prompt, args.frames)
-        line = f"{name:9} {first:9.2f} {fps:8.2f} {weight_bytes(runner.model) / 2**20:11.0f}"
+        first, fps, cpu_first, cpu_fps = speed(runner, prompt, args.frames)
+        line = (f"{name:9} {first:9.2f} {fps:8.2f} {cpu_first:6.2f} {cpu_fps:6.2f} "
+                f"{weight_bytes(runner.model) / 2**20:11.0f}")
         if ref_codes is not None:
             slow, fast = teacher_forced(runner, prompt, ref_codes)
             slow_agree = float((slow.argmax(-1) == ref_slow.argmax(-1)).float().mean())
@@ -126,6 +161,7 @@ def main() -> None:
         if name not in ("float32",):
             print(f"          ({describe(runner.model)})")
         del runner
+    print("prefill s / frames/s: wall clock; CPU s / frames per CPU-s: this process's CPU time")
     print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB "
           "(holds the float32 model the variants are derived from)")
 

@@ -19,12 +19,16 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 QuantizeMode = Literal["none", "int8", "int4"]
 QUANTIZE_MODES: tuple[str, ...] = ("none", "int8", "int4")
 INT4_GROUP = 32  # inputs per int4 scale/zero pair: smaller groups, smaller error, more scale bytes
 KERNEL_DTYPE = torch.bfloat16  # activation dtype the packed kernels are vectorised for on CPU
+# More rows than this (a prompt's prefill) go through a dequantized float GEMM: the packed kernels
+# are made for matrix-vector work and are ~1.5x slower than MKL's GEMM on a 260-row prefill.
+DEQUANT_ROWS = 8
 
 
 def default_quantize(device: torch.device | str) -> QuantizeMode:
@@ -75,6 +79,14 @@ def dequantize_int4(q: Tensor, scales_and_zeros: Tensor) -> Tensor:
 # --- the layers
 
 
+def _dequantized_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """What the packed kernels compute (bfloat16 activations in, float32 sums, bfloat16 out), as
+    one float GEMM. Same numbers on both paths matter: a prompt prefilled here and the same prompt
+    continued from the prefix cache through the kernel must sample the same codes."""
+    y = F.linear(x.to(KERNEL_DTYPE).to(weight.dtype), weight).to(KERNEL_DTYPE).to(x.dtype)
+    return y if bias is None else y + bias
+
+
 class Int8Linear(nn.Module):
     """nn.Linear with int8 weights and one float scale per output channel."""
 
@@ -95,6 +107,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
+        if x.numel() // shape[-1] > DEQUANT_ROWS:
+            return _dequantized_linear(x, self.dequantize(), self.bias)
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(KERNEL_DTYPE), self.weight_int8,
                                                self.scale.to(KERNEL_DTYPE))  # a no-op unless module.to() cast it
         y = y.view(*shape[:-1], self.out_features).to(x.dtype)
@@ -117,8 +131,8 @@ class Int4Linear(nn.Module):
 
     @staticmethod
     def supports(out_features: int, in_features: int, group: int = INT4_GROUP) -> bool:
-        """The CPU packing wants 16-row blocks and whole groups."""
-        return out_features % 16 == 0 and in_features % group == 0
+        """Whole 32-row blocks of the CPU packing (`dequantize` reads them) and whole groups."""
+        return out_features % 32 == 0 and in_features % group == 0
 
     @classmethod
     def from_weight(cls, weight: Tensor, bias: Tensor | None = None, dtype: torch.dtype = torch.float32,
@@ -128,14 +142,18 @@ class Int4Linear(nn.Module):
         return cls(packed, sz, weight.size(1), None if bias is None else bias.to(dtype))
 
     def dequantize(self) -> Tensor:
-        """The float weight, read back through the kernel (an identity input); for checks and the
-        rare full-head debug dump, not for the hot path."""
-        eye = torch.eye(self.in_features, dtype=KERNEL_DTYPE)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(
-            eye, self.weight_int4, self.group, self.scales_and_zeros).float().T.contiguous()
+        """The float weight. The CPU packing keeps blocks of 32 output rows, each as (in, 16) bytes
+        whose low nibbles are rows 0-15 of the block and high nibbles rows 16-31 (checked against
+        the kernel in the tests)."""
+        n, k = self.out_features, self.in_features
+        blocks = self.weight_int4.view(n // 32, k, 16)
+        q = torch.cat([blocks & 15, blocks >> 4], dim=2).transpose(1, 2).reshape(n, k)
+        return dequantize_int4(q, self.scales_and_zeros)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
+        if x.numel() // shape[-1] > DEQUANT_ROWS:
+            return _dequantized_linear(x, self.dequantize(), self.bias)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(KERNEL_DTYPE), self.weight_int4,
                                                        self.group, self.scales_and_zeros.to(KERNEL_DTYPE))
         y = y.view(*shape[:-1], self.out_features).to(x.dtype)
