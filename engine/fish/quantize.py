@@ -29,6 +29,7 @@ KERNEL_DTYPE = torch.bfloat16  # activation dtype the packed kernels are vectori
 # More rows than this (a prompt's prefill) go through a dequantized float GEMM: the packed kernels
 # are made for matrix-vector work and are ~1.5x slower than MKL's GEMM on a 260-row prefill.
 DEQUANT_ROWS = 8
+ROW_CHUNK = 4096  # rows quantized at a time (bounds the float32 temporaries while loading)
 
 
 def default_quantize(device: torch.device | str) -> QuantizeMode:
@@ -48,10 +49,15 @@ def check_mode(mode: str | None) -> QuantizeMode:
 
 
 def int8_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric int8 per row: weight ≈ q * scale[:, None]. Returns (q int8, scale float32)."""
-    w = weight.float()
-    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    """Symmetric int8 per row: weight ≈ q * scale[:, None]. Returns (q int8, scale float32).
+    Works through `ROW_CHUNK` rows at a time: a 160k-row embedding table never exists in float32."""
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(weight.size(0), dtype=torch.float32, device=weight.device)
+    for i in range(0, weight.size(0), ROW_CHUNK):
+        w = weight[i:i + ROW_CHUNK].float()
+        s = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+        q[i:i + ROW_CHUNK] = torch.round(w / s[:, None]).clamp(-127, 127)
+        scale[i:i + ROW_CHUNK] = s
     return q, scale
 
 
@@ -59,12 +65,16 @@ def int4_groups(weight: Tensor, group: int = INT4_GROUP) -> tuple[Tensor, Tensor
     """Asymmetric int4 per group of `group` inputs: weight ≈ (q - 8) * scale + zero, the
     convention of torch's int4 kernels. Returns (q int32 in 0..15, (in/group, out, 2) scale/zero)."""
     out_f, in_f = weight.shape
-    w = weight.float().view(out_f, in_f // group, group)
-    lo, hi = w.amin(dim=-1), w.amax(dim=-1)
-    scale = ((hi - lo) / 15).clamp(min=1e-12)
-    q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).view(out_f, in_f)
-    zero = lo + 8 * scale
-    return q, torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+    q = torch.empty(weight.shape, dtype=torch.int32, device=weight.device)
+    sz = torch.empty(in_f // group, out_f, 2, dtype=torch.float32, device=weight.device)
+    for i in range(0, out_f, ROW_CHUNK):
+        w = weight[i:i + ROW_CHUNK].float()
+        w = w.view(w.size(0), in_f // group, group)
+        lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+        scale = ((hi - lo) / 15).clamp(min=1e-12)
+        q[i:i + ROW_CHUNK] = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15).view(w.size(0), in_f)
+        sz[:, i:i + ROW_CHUNK] = torch.stack([scale, lo + 8 * scale], dim=-1).transpose(0, 1)
+    return q, sz
 
 
 def dequantize_int4(q: Tensor, scales_and_zeros: Tensor) -> Tensor:
@@ -224,18 +234,48 @@ def quantize_state(model: nn.Module, state: dict[str, Tensor], mode: QuantizeMod
     replaced; what is left in `state` loads as usual."""
     if mode == "none":
         return 0
+
+    def take(key: str) -> Tensor | None:
+        return state.pop(key, None)
+
     replaced = 0
     for name in quantized_linear_names(model):
-        bias = state.pop(name + ".bias", None)
-        weight = state.pop(name + ".weight")
+        weight, bias = take(name + ".weight"), take(name + ".bias")
         module = quantize_module(weight.to(device), None if bias is None else bias.to(device), mode, dtype)
         _set_submodule(model, name, module)
+        release_pages(weight)
         replaced += 1
     for name in ROW_TABLES:
         if isinstance(getattr(model, name, None), (nn.Embedding, nn.Linear)):
-            _set_submodule(model, name, Int8Embedding.from_weight(state.pop(name + ".weight").to(device), dtype))
+            weight = take(name + ".weight")
+            _set_submodule(model, name, Int8Embedding.from_weight(weight.to(device), dtype))
+            release_pages(weight)
             replaced += 1
     return replaced
+
+
+_MADV_PAGEOUT = 21  # Linux 5.4+: reclaim now; file pages are re-read if touched, anonymous ones kept
+
+
+def release_pages(t: Tensor) -> None:
+    """Let the kernel take back the pages of a checkpoint tensor we are done with. The checkpoint
+    is memory-mapped and its pages stay resident until the whole file is unmapped, so without this
+    a quantized load peaks at the file's size plus the quantized model. PAGEOUT never loses data
+    (a later read faults the page in again), and where it is unsupported it is simply skipped."""
+    if t.device.type != "cpu" or t.numel() * t.element_size() < (1 << 20):
+        return
+    try:
+        import ctypes
+        import mmap
+
+        page = mmap.PAGESIZE
+        start = -(-t.data_ptr() // page) * page
+        end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+        if end > start:
+            ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start),
+                                                      _MADV_PAGEOUT)
+    except (OSError, AttributeError):
+        pass
 
 
 def quantize_model(model: nn.Module, mode: QuantizeMode) -> nn.Module:
