@@ -193,3 +193,16 @@ def test_quantized_engine_serves_v1_tts_streamed(int8_server):
     assert pcm.size > 0.3 * 44100 and np.abs(pcm).max() > 0
     with wave.open(io.BytesIO(whole.content)) as w:
         np.testing.assert_array_equal(pcm, np.frombuffer(w.readframes(w.getnframes()), "<i2"))
+
+
+def test_static_decode_slots_run_quantized(tiny_s1_checkpoint):
+    """The static-slot decoder (fixed buffers, sampling on the device) over int8 layers gives the
+    dynamic path's codes, as it does in float."""
+    prompt = torch.zeros(11, 20, dtype=torch.long)
+    prompt[0] = torch.arange(20) * 5 % 300
+    dynamic = load_models(tiny_s1_checkpoint, "cpu", quantize="int8")
+    static = load_models(tiny_s1_checkpoint, "cpu", quantize="int8", decode_slots=2)
+    assert static.runner.static is not None and static.runner.static.k[0].dtype == torch.float32
+    greedy = SamplingOptions(greedy=True)
+    torch.testing.assert_close(generate_codes(static.runner, prompt, greedy, 10),
+                               generate_codes(dynamic.runner, prompt, greedy, 10), rtol=0, atol=0)
