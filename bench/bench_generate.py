@@ -2,6 +2,7 @@
 for speed). Prints prefill time, frames/s, time to the first frame, and peak memory.
 
     .venv/bin/python bench/bench_generate.py --family s1-mini --dtype float32 --frames 32
+    .venv/bin/python bench/bench_generate.py --quantize int8 --frames 32   # weight-only int8 (CPU)
 """
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from engine.fish.dual_ar import DualARTransformer
 from engine.fish.generate import DualARRunner
 from engine.fish.dual_ar_loader import init_random_weights
 from engine.fish.presets import PUBLISHED_IDS, S1_MINI_CONFIG, S2_PRO_CONFIG
+from engine.fish.quantize import QUANTIZE_MODES, describe, quantize_model
 from engine.speech.types import SamplingOptions
 
 
-def build(family: str, device: str, dtype: torch.dtype) -> DualARRunner:
+def build(family: str, device: str, dtype: torch.dtype, quantize: str = "none") -> DualARRunner:
     ids = PUBLISHED_IDS[family]
     raw = S1_MINI_CONFIG if family == "s1-mini" else S2_PRO_CONFIG
     config = parse_config(raw).with_semantic_ids(ids["semantic_begin_id"], ids["semantic_end_id"])
@@ -29,6 +31,7 @@ def build(family: str, device: str, dtype: torch.dtype) -> DualARRunner:
     init_random_weights(model, seed=0)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     model.init_buffers(device)
+    quantize_model(model, quantize)  # type: ignore[arg-type]
     return DualARRunner(model, ids["im_end_id"], fast_vocab=1024)
 
 
@@ -54,6 +57,8 @@ def model_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--frames", type=int, default=32)
+    ap.add_argument("--quantize", default="none", choices=QUANTIZE_MODES, help="weight-only int8/int4 (CPU)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--decode", default="auto", choices=["auto", "static", "dynamic"],
                     help="static slots with on-device sampling (CUDA graphs on a GPU); auto = static on CUDA")
 
@@ -71,10 +76,12 @@ def main() -> None:
                     help="also measure N concurrent sequences decoding together")
     args = ap.parse_args()
     dtype = chosen_dtype(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    runner = build(args.family, args.device, dtype)
-    print(f"model: {args.family} {dtype} on {args.device}, threads={torch.get_num_threads()}, "
-          f"built in {time.perf_counter() - t0:.1f} s")
+    runner = build(args.family, args.device, dtype, args.quantize)
+    print(f"model: {args.family} {dtype} quantize={args.quantize} on {args.device}, threads={torch.get_num_threads()}, "
+          f"built in {time.perf_counter() - t0:.1f} s ({describe(runner.model)})")
     static = args.decode == "static" or (args.decode == "auto" and args.device == "cuda")
     if static:
         runner.enable_static_decode(slots=max([1] + args.batch))

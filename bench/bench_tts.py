@@ -57,12 +57,14 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=2, help="decoder push every N frames")
     args = ap.parse_args()
     dtype = chosen_dtype(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     def sync() -> None:
         if args.device == "cuda":
             torch.cuda.synchronize()
 
-    runner = build(args.family, args.device, dtype)
+    runner = build(args.family, args.device, dtype, args.quantize)
     codec = full_size_codec(args.device)
     prompt = realistic_prompt(runner, 45, 215)
     run_request(runner, codec, prompt[:, :40], 4, args.every, sync)  # warm-up
@@ -71,7 +73,7 @@ def main() -> None:
     follow = prompt.clone()
     follow[0, -20:] = torch.randint(0, 150000, (20,), generator=torch.Generator().manual_seed(1))
     ttfa2, _, _ = run_request(runner, codec, follow, args.every, args.every, sync)
-    print(f"{args.family} {dtype} on {args.device}; codec float32; decoder push every {args.every} frames")
+    print(f"{args.family} {dtype} quantize={args.quantize} on {args.device}, threads={torch.get_num_threads()}; codec float32; decoder push every {args.every} frames")
     print(f"time to first audio (cold prompt of {prompt.size(1)} positions): {ttfa:.3f} s")
     print(f"time to first audio (same voice, new sentence): {ttfa2:.3f} s")
     print(f"{seconds:.2f} s of audio in {total:.2f} s: real-time factor {total / seconds:.2f}")

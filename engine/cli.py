@@ -31,6 +31,11 @@ def _add_runtime(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
                    help="default: float32 on CPU, bfloat16 on CUDA")
 
 
+def _add_quantize(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", choices=["auto", "none", "int8", "int4"], default="none",
+                   help="weight-only int8/int4 transformer weights (CPU); auto = the device's default")
+
+
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--greedy", action="store_true", help="argmax everywhere (deterministic)")
     p.add_argument("--temperature", type=float, default=0.7)
@@ -96,7 +101,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from engine.fish.models import load_models
     from engine.fish.prompt import build_prompt
 
-    models = load_models(args.checkpoint, args.device, args.dtype)
+    models = load_models(args.checkpoint, args.device, args.dtype, quantize=args.quantize)
     references = []
     if args.prompt_tokens:
         codes = np.load(args.prompt_tokens)
@@ -125,7 +130,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_tts(args: argparse.Namespace) -> None:
     from engine.speech.tts import TTSEngine
 
-    engine = TTSEngine.load(args.checkpoint, args.device, args.dtype, args.decode_slots)
+    engine = TTSEngine.load(args.checkpoint, args.device, args.dtype, args.decode_slots, args.quantize)
     refs: tuple[Reference, ...] = ()
     if args.reference:
         refs = (Reference(text=args.reference_text or "", audio=Path(args.reference).read_bytes()),)
@@ -182,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="text (+ reference codes) -> semantic codes")
     _add_runtime(gen)
+    _add_quantize(gen)
     gen.add_argument("--text", required=True)
     gen.add_argument("--prompt-text", help="transcript of the reference")
     gen.add_argument("--prompt-tokens", help="reference codes .npy [codebooks, frames]")
@@ -196,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tts = sub.add_parser("tts", help="text (+ reference audio) -> speech")
     _add_runtime(tts)
+    _add_quantize(tts)
     tts.add_argument("--text", required=True)
     tts.add_argument("--reference", help="reference audio file (any common format)")
     tts.add_argument("--reference-text", help="transcript of the reference audio")

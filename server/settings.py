@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     device: str | None = None  # cpu, cuda, cuda:1; default: cuda when available
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     decode_slots: int | None = Field(None, ge=0)  # static decode slots (CUDA graphs); default 4 on CUDA, 0 on CPU
+    quantize: Literal["auto", "none", "int8", "int4"] = "auto"  # weight-only int8/int4 on CPU; auto: see README
     mode: Literal["agent", "tts"] = "agent"  # what a job without a `tts` flag does
 
     # --- network

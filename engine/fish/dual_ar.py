@@ -224,7 +224,19 @@ class DualARTransformer(nn.Module):
         return x
 
     def head_weight(self) -> Tensor:
-        return self.embeddings.weight if self.config.tie_word_embeddings else self.output.weight
+        head = self.embeddings if self.config.tie_word_embeddings else self.output
+        return head.dequantize() if hasattr(head, "dequantize") else head.weight
+
+    def head_rows(self, ids: Tensor) -> Tensor:
+        """Rows `ids` of the output head in the compute dtype (only these rows of a quantized
+        head are dequantized)."""
+        head = self.embeddings if self.config.tie_word_embeddings else self.output
+        return head.rows(ids) if hasattr(head, "rows") else head.weight[ids]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (of activations and KV caches), also when the weights are quantized."""
+        return self.norm.weight.dtype
 
     def to_fast_input(self, hidden: Tensor, normed: Tensor) -> Tensor:
         x = normed if self.config.norm_fastlayer_input else hidden
@@ -259,11 +271,11 @@ class DualARTransformer(nn.Module):
         return self.fast_norm(x)
 
     def new_slow_caches(self, batch: int, capacity: int) -> list[KVCache]:
-        c, p = self.config, self.embeddings.weight
+        c, p = self.config, self.norm.weight
         return [KVCache(batch, c.n_local_heads, c.head_dim, capacity, p.dtype, p.device, c.max_seq_len)
                 for _ in range(c.n_layer)]
 
     def new_fast_caches(self, batch: int) -> list[KVCache]:
-        c, p = self.config, self.embeddings.weight
+        c, p = self.config, self.norm.weight
         return [KVCache(batch, c.fast_n_local_heads, c.fast_head_dim, c.num_codebooks, p.dtype, p.device,
                         c.num_codebooks) for _ in range(c.n_fast_layer)]

@@ -8,6 +8,7 @@ import torch
 from engine.fish.checkpoint import CheckpointError, check_keys, load_llm_state_dict
 from engine.fish.config import DualARConfig
 from engine.fish.dual_ar import DualARTransformer
+from engine.fish.quantize import QuantizeMode, quantize_state
 
 
 def build_on_meta(config: DualARConfig) -> DualARTransformer:
@@ -16,11 +17,12 @@ def build_on_meta(config: DualARConfig) -> DualARTransformer:
 
 
 def load_dual_ar(checkpoint_dir: Path, config: DualARConfig, device: torch.device | str,
-                 dtype: torch.dtype) -> DualARTransformer:
+                 dtype: torch.dtype, quantize: QuantizeMode = "none") -> DualARTransformer:
     """Weights from the checkpoint into a model built from `config` (semantic ids already set).
 
     The model is built on the meta device and the loaded tensors are assigned in place, so a
-    multi-GB checkpoint is never held twice in memory.
+    multi-GB checkpoint is never held twice in memory. With `quantize` int8/int4 the linear
+    layers and row tables are quantized one tensor at a time from the memory-mapped checkpoint.
     """
     state = load_llm_state_dict(checkpoint_dir)
     model = build_on_meta(config)
@@ -31,9 +33,13 @@ def load_dual_ar(checkpoint_dir: Path, config: DualARConfig, device: torch.devic
     if wrong:
         raise CheckpointError(f"weights in {checkpoint_dir} have shapes that config.json does not describe: "
                               + "; ".join(wrong[:6]) + (f" … (+{len(wrong) - 6} more)" if len(wrong) > 6 else ""))
+    quantized = quantize_state(model, state, quantize, dtype, device)
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load_state_dict(state, strict=not quantized, assign=True)
     model.init_buffers(device)
+    left_on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left_on_meta:  # the strict check for a quantized model: every tensor got real storage
+        raise CheckpointError(f"weights in {checkpoint_dir} left {', '.join(left_on_meta[:6])} unloaded")
     return model.eval().requires_grad_(False)
 
 

@@ -86,9 +86,9 @@ class DualARRunner:
         # Candidate order mirrors the full vocabulary (<|im_end|> sorts before the semantic range in
         # both published tokenizers), so argmax ties break the same way.
         ids = [im_end_id] + list(range(c.semantic_begin_id, c.semantic_end_id + 1))
-        self.slow_candidates = torch.tensor(ids, device=model.embeddings.weight.device)
+        self.slow_candidates = torch.tensor(ids, device=model.norm.weight.device)
         with torch.no_grad():
-            self.slow_head = model.head_weight()[self.slow_candidates].contiguous()
+            self.slow_head = model.head_rows(self.slow_candidates).contiguous()
         self.fast_vocab = min(fast_vocab or c.codebook_size, c.codebook_size)
         self.fast_head = model.fast_output.weight[: self.fast_vocab]
         self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixCache()

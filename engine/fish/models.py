@@ -20,6 +20,7 @@ from engine.fish.firefly import FireflyCodec, find_firefly_file, load_firefly
 from engine.fish.dual_ar import DualARTransformer
 from engine.fish.generate import DualARRunner
 from engine.fish.dual_ar_loader import load_dual_ar
+from engine.fish.quantize import QuantizeMode, check_mode, default_quantize, describe
 from engine.fish.tokenizer import FishTokenizer
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class FishModels:
     codec: AudioCodec
     device: torch.device
     dtype: torch.dtype
+    quantize: QuantizeMode = "none"
 
     @property
     def family(self) -> str:
@@ -83,14 +85,25 @@ def load_codec_only(checkpoint: str | Path, device: str | None = None,
     return load_codec(path, device=dev, dtype=pick_dtype(dtype, dev))
 
 
+def pick_quantize(quantize: str | None, device: torch.device) -> QuantizeMode:
+    """`None` or "auto" picks the device's default (see `engine.fish.quantize.default_quantize`)."""
+    mode = default_quantize(device) if quantize in (None, "auto") else check_mode(quantize)
+    if mode != "none" and device.type != "cpu":
+        raise ValueError(f"--quantize {mode} uses torch's CPU kernels; on {device.type} use --quantize none")
+    return mode
+
+
 def load_models(checkpoint: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None,
-                decode_slots: int | None = None) -> FishModels:
+                decode_slots: int | None = None, quantize: str | None = "none") -> FishModels:
     """Load a checkpoint directory. `decode_slots` sequences decode through static buffers and
-    on-device sampling (CUDA graphs on a GPU): default 4 on CUDA, 0 (the dynamic path) on CPU."""
+    on-device sampling (CUDA graphs on a GPU): default 4 on CUDA, 0 (the dynamic path) on CPU.
+    `quantize` ("none", "int8", "int4"; None = the device's default) stores the transformer's
+    weights as integers (CPU only; the float path stays the reference)."""
     t0 = time.perf_counter()
-    directory = resolve_checkpoint(checkpoint)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
+    quant = pick_quantize(quantize, dev)  # before any file is read: a bad setting fails fast
+    directory = resolve_checkpoint(checkpoint)
     config = load_config(directory)
     tokenizer = FishTokenizer.from_dir(directory, family=config.family)
     # The tokenizer is authoritative for the semantic range (spec §1.5).
@@ -99,7 +112,7 @@ def load_models(checkpoint: str | Path, device: str | None = None, dtype: str | 
         raise CheckpointError(f"tokenizer ids exceed the model vocabulary of {config.vocab_size}")
     if tokenizer.semantic_end_id - tokenizer.semantic_begin_id + 1 < config.codebook_size:
         raise CheckpointError("the tokenizer has fewer semantic tokens than the first codebook has entries")
-    model = load_dual_ar(directory, config, dev, dt)
+    model = load_dual_ar(directory, config, dev, dt, quant)
     codec = load_codec_only(directory, str(dev), dtype=torch.float32 if dev.type == "cpu" else dt)
     if (config.family == "fish-speech-1.5") != isinstance(codec, FireflyCodec):
         raise CheckpointError(f"{directory} holds a {config.family} model but a {type(codec).__name__} codec")
@@ -111,4 +124,6 @@ def load_models(checkpoint: str | Path, device: str | None = None, dtype: str | 
         runner.enable_static_decode(slots=slots, capacity=min(config.max_seq_len, STATIC_CAPACITY))
     log.info("loaded %s (%s) from %s on %s/%s in %.1f s", config.family, type(model).__name__, directory, dev, dt,
              time.perf_counter() - t0)
-    return FishModels(directory, config, tokenizer, model, runner, codec, dev, dt)
+    if quant != "none":
+        log.info("quantized %s: %s", quant, describe(model))
+    return FishModels(directory, config, tokenizer, model, runner, codec, dev, dt, quant)

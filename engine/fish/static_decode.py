@@ -46,7 +46,7 @@ class StaticDecoder:
         self.runner, self.model, self.config = runner, model, c
         self.slots = slots
         self.capacity = min(capacity or c.max_seq_len, c.max_seq_len)
-        dev, dtype = runner.device, model.embeddings.weight.dtype
+        dev, dtype = runner.device, model.dtype
         self.device = dev
         k = c.num_codebooks
         n_cand = runner.slow_candidates.numel()

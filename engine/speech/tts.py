@@ -97,8 +97,8 @@ class TTSEngine:
 
     @classmethod
     def load(cls, checkpoint: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None,
-             decode_slots: int | None = None, **kwargs: object) -> TTSEngine:
-        return cls(load_models(checkpoint, device, dtype, decode_slots), **kwargs)  # type: ignore[arg-type]
+             decode_slots: int | None = None, quantize: str | None = "none", **kwargs: object) -> TTSEngine:
+        return cls(load_models(checkpoint, device, dtype, decode_slots, quantize), **kwargs)  # type: ignore[arg-type]
 
     @property
     def sample_rate(self) -> int:
