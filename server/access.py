@@ -69,8 +69,9 @@ class AccessPolicy:
         assert self.api_key is not None
         scheme, _, token = header.partition(" ")
         token = token.strip() if scheme.lower() == "bearer" else header.strip()
-        # Header values may hold any code point (aiohttp keeps undecodable bytes as surrogates).
-        return hmac.compare_digest(token.encode("utf-8", "surrogatepass"), self.api_key.encode("utf-8"))
+        # Header values (and a key from the environment) may hold undecodable bytes as surrogates.
+        return hmac.compare_digest(token.encode("utf-8", "surrogatepass"),
+                                   self.api_key.encode("utf-8", "surrogatepass"))
 
 
 ACCESS = web.AppKey("access", AccessPolicy)

@@ -6,7 +6,9 @@
     upstream Fish Speech: POST /v1/tts, GET|POST /v1/health (no key),
         POST /v1/references/add, GET /v1/references/list, DELETE|POST /v1/references/delete,
         POST /v1/references/update
-    realtime (signaling): /v1/realtime/..., and the web page at /
+    OpenAI audio: POST /v1/audio/speech, POST /v1/audio/transcriptions, POST /v1/audio/translations,
+        GET /v1/audio/voices, GET /v1/models, GET /v1/models/{id}
+    realtime (signaling): /v1/realtime/..., phone calls /v1/telephony/..., and the web page at /
     GET /metrics (Prometheus), GET /openapi.json (OpenAPI 3.1, no key), GET /docs (its page, no key)
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 import signaling
-from server import api_fish, api_jobs, metrics, openapi
+from server import api_fish, api_jobs, metrics, openai_audio, openapi
 from server.conversations import ConversationStore
 from server.http import CONVERSATIONS, JOBS, SERVICES, SETTINGS, body_limit, install_access
 from server.jobs.handler import handle_job
@@ -52,6 +54,7 @@ def create_app(settings: Settings, services: Services | None = None) -> web.Appl
     api_jobs.add_routes(r)
     api_jobs.add_routes(r, prefix="/v2/{endpoint_id}")
     api_fish.add_routes(r)
+    openai_audio.add_routes(r)
     metrics.install(app)
     openapi.install(app)
     signaling.install(app, services=app[SERVICES], config=realtime_config(settings))
@@ -69,7 +72,11 @@ def realtime_config(settings: Settings) -> signaling.RealtimeConfig:
         api_key=settings.api_key, cors_origins=tuple(settings.cors_origins), ice_servers=tuple(settings.ice_servers),
         max_sessions=settings.max_sessions, mode=settings.mode, instructions=settings.instructions,
         llm_max_tokens=settings.llm_max_tokens, sampling=settings.realtime_sampling, limits=limits,
-        model_name=settings.checkpoint)
+        model_name=settings.checkpoint, telephony=signaling.TelephonyConfig(
+            twilio_auth_token=settings.twilio_auth_token, public_url=settings.telephony_public_url,
+            webhook_key=settings.telephony_webhook_key, token_secret=settings.telephony_token_secret,
+            liveness_timeout=settings.telephony_liveness_timeout),
+        observe_latency=lambda latency_ms: metrics.observe_turn_latency(latency_ms, source="realtime"))
 
 
 def _services_context(owned: bool):

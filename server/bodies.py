@@ -20,7 +20,6 @@ import msgpack
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
-from multidict import MultiDict
 
 from server.schema import RequestError
 
@@ -40,7 +39,7 @@ async def read_bytes(request: web.Request) -> bytes:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise _too_large(request) from None
-    except (RequestPayloadError, HttpProcessingError, EOFError, ValueError) as exc:  # bad Content-Encoding, early end, bad chunking
+    except (RequestPayloadError, HttpProcessingError, EOFError, ValueError) as exc:  # bad encoding, early end
         raise RequestError(400, f"the request body could not be read: {_reason(exc)}") from None
 
 
@@ -112,24 +111,26 @@ async def read_text(request: web.Request, what: str = "the request body") -> str
         raise RequestError(400, f"{what} is not UTF-8 text: invalid byte at position {exc.start}") from None
 
 
-async def read_form(request: web.Request) -> tuple[MultiDict[Any], dict[str, str]]:
+async def read_form(request: web.Request) -> tuple[dict[str, Any], dict[str, str]]:
     """A multipart or url-encoded form: (fields, filenames of the file fields). File fields hold
-    their bytes, text fields their text."""
+    their bytes, text fields their text; a repeated field keeps its first value, as upstream reads forms."""
     try:
         form = await request.post()
     except web.HTTPRequestEntityTooLarge:
         raise _too_large(request) from None
     except Exception as exc:  # noqa: BLE001 - aiohttp's form parsers raise many types on bad input
         raise RequestError(400, f"the form body is malformed: {type(exc).__name__}: {_reason(exc)}") from None
-    fields: MultiDict[Any] = MultiDict()
+    fields: dict[str, Any] = {}
     filenames: dict[str, str] = {}
     for name, value in form.items():
+        if name in fields:
+            continue
         if isinstance(value, web.FileField):
-            fields.add(name, value.file.read())
+            fields[name] = value.file.read()
             if value.filename:
-                filenames.setdefault(name, value.filename)
+                filenames[name] = value.filename
         else:
-            fields.add(name, value)
+            fields[name] = value
     check_text([*fields.keys(), *(v for v in fields.values() if isinstance(v, str)), *filenames.values()],
                "the form")
     return fields, filenames
@@ -143,8 +144,7 @@ async def read_structured(request: web.Request, *, allow_form: bool = False) -> 
     if ctype in MSGPACK_TYPES:
         body = parse_msgpack(await read_bytes(request))
     elif allow_form and ctype in FORM_TYPES:
-        form, filenames = await read_form(request)
-        body = dict(form)  # the first value of a repeated field, as upstream reads forms
+        body, filenames = await read_form(request)
     elif ctype in ("application/json", "text/json", "", "application/octet-stream", "text/plain"):
         body = await read_json(request)
     else:

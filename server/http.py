@@ -60,3 +60,5 @@ def install_access(app: web.Application, settings: Settings) -> None:
     access.install(app, api_key=settings.api_key, cors_origins=settings.cors_origins)
     access.add_error_style(app, "", job_error_style, name="job")
     access.add_error_style(app, "/v1", fish_error_style, name="fish")
+    for prefix in ("/v1/audio", "/v1/models"):  # OpenAI's audio API answers in OpenAI's shape
+        access.add_error_style(app, prefix, access.openai_error)

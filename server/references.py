@@ -139,7 +139,10 @@ class ReferenceStore:
         with self._lock:
             if not directory.is_dir():
                 raise VoiceError(404, f"reference {reference_id!r} not found")
-            shutil.rmtree(directory)
+            # Renamed away first, so the voice is gone at once even if removing its files fails.
+            trash = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".deleted", dir=self.root))
+            directory.rename(trash / directory.name)
+            shutil.rmtree(trash, ignore_errors=True)
 
     def rename(self, old_id: str, new_id: str) -> None:
         old, new = self._dir(old_id), self._dir(check_id(new_id, "new_reference_id"))

@@ -61,6 +61,8 @@ class Settings(BaseSettings):
     max_reference_bytes: int = Field(10 * 1024 * 1024, ge=1024)  # decoded reference audio bytes (413 above)
     max_reference_seconds: float = Field(90.0, gt=0)
     max_new_tokens_limit: int = Field(0, ge=0)  # caps every request's frames per text chunk; 0 = no cap
+    max_transcription_bytes: int = Field(25 * 1024 * 1024, ge=1024)  # /v1/audio/transcriptions upload (413 above)
+    max_transcription_seconds: float = Field(1800.0, gt=0)  # and its decoded duration (413 above)
 
     # --- agent mode
     llm_enabled: bool = True  # load an agent LLM at start-up
@@ -79,12 +81,20 @@ class Settings(BaseSettings):
     rtc_connect_timeout: float | None = None
     rtc_max_call_seconds: float | None = None
 
+    # --- telephony (carrier media streams; see README "Phone calls")
+    twilio_auth_token: str | None = None  # when set, Twilio voice webhooks must carry a valid X-Twilio-Signature
+    telephony_public_url: str | None = None  # https://host the carriers reach (behind a TLS proxy)
+    telephony_webhook_key: str | None = None  # when set, Telnyx/Plivo voice webhooks need ?key=<this>
+    telephony_token_secret: str | None = None  # signs stream tokens (set it when several workers share calls)
+    telephony_liveness_timeout: float = Field(5.0, gt=0)  # seconds without carrier messages -> call over
+
     @field_validator("cors_origins", "ice_servers", mode="before")
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return _split_list(value)
 
-    @field_validator("api_key", "llm_base_url", "llm_api_key", "llm_gguf", "device", mode="before")
+    @field_validator("api_key", "llm_base_url", "llm_api_key", "llm_gguf", "device", "twilio_auth_token",
+                     "telephony_public_url", "telephony_webhook_key", "telephony_token_secret", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value

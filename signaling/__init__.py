@@ -2,7 +2,7 @@
 
 `install(app, services=..., config=RealtimeConfig(...))` adds everything to an aiohttp application.
 """
-from signaling.host import CallLimits, RealtimeConfig, RealtimeModels
+from signaling.host import CallLimits, RealtimeConfig, RealtimeModels, TelephonyConfig
 from signaling.routes import install
 
-__all__ = ["CallLimits", "RealtimeConfig", "RealtimeModels", "install"]
+__all__ = ["CallLimits", "RealtimeConfig", "RealtimeModels", "TelephonyConfig", "install"]

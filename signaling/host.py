@@ -7,6 +7,7 @@ realtime sessions read, built by the server from its settings.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from engine.speech.types import SamplingOptions
@@ -42,6 +43,18 @@ class CallLimits:
 
 
 @dataclasses.dataclass(frozen=True)
+class TelephonyConfig:
+    """Phone calls through carrier media streams (signaling.telephony)."""
+
+    twilio_auth_token: str | None = None  # when set, Twilio webhooks must carry a valid X-Twilio-Signature
+    webhook_key: str | None = None  # when set, Telnyx/Plivo webhooks must carry ?key=<this>
+    public_url: str | None = None  # how carriers reach this server (https://voice.example.com); else the Host seen
+    token_secret: str | None = None  # signs stream tokens; None: a random secret per process
+    token_ttl: float = 60.0  # seconds a webhook's stream token stays valid
+    liveness_timeout: float = 5.0  # seconds without any message from the carrier -> the call is over
+
+
+@dataclasses.dataclass(frozen=True)
 class RealtimeConfig:
     api_key: str | None = None  # Authorization: Bearer KEY on every realtime route when set
     cors_origins: tuple[str, ...] = ()  # "*" or exact origins
@@ -53,6 +66,9 @@ class RealtimeConfig:
     sampling: SamplingOptions = SamplingOptions()  # TTS sampling a session starts from
     limits: CallLimits = CallLimits()
     model_name: str = "fish-speech"  # what sessions report as their model
+    telephony: TelephonyConfig = TelephonyConfig()
+    # Called with each finished response's stage latencies in ms (transcript, first_token, first_audio).
+    observe_latency: Callable[[Mapping[str, float]], None] | None = None
 
     def __post_init__(self) -> None:
         origins = self.cors_origins

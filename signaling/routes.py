@@ -32,6 +32,7 @@ from signaling.options import OptionsError, from_query
 from signaling.registry import CallRegistry
 from signaling.protocol import MAX_AUDIO_MESSAGE_BYTES
 from signaling.session import PeerCall
+from signaling.telephony import install as install_telephony
 from signaling.websocket import HEARTBEAT_SECONDS, SUBPROTOCOL, RealtimeSocket
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ REALTIME_PREFIX = "/v1/realtime"
 CALLS = web.AppKey("realtime_calls", CallRegistry)
 MODELS = web.AppKey("realtime_models", object)
 CONFIG = web.AppKey("realtime_config", RealtimeConfig)
+
 
 def install(app: web.Application, *, services: RealtimeModels, config: RealtimeConfig) -> None:
     """Add the realtime routes and the web page to `app`. The API key, CORS and last-resort errors
@@ -66,6 +68,7 @@ def install(app: web.Application, *, services: RealtimeModels, config: RealtimeC
     r.add_delete(CALLS_PATH + "/{call_id}", hang_up)
     r.add_post(CALLS_PATH + "/{call_id}/hangup", hang_up)
     r.add_get("/v1/realtime/config", get_config)
+    install_telephony(app, services=services, config=config, registry=app[CALLS])
     if WEB_DIR.is_dir():
         r.add_get("/", index)
         r.add_static("/web/", WEB_DIR, append_version=False)

@@ -56,7 +56,8 @@ class PeerCall:
         self.control = RealtimeControl(session_id=self.id, conversation=conversation, services=services,
                                        events=self.events, send=self.send, options=options,
                                        model=config.model_name)
-        self.realtime = RealtimeEvents(self.events, transport="webrtc", session_id=self.id)
+        self.realtime = RealtimeEvents(self.events, transport="webrtc", session_id=self.id,
+                                       observe_latency=config.observe_latency)
         self.control.hooks[ev.OutputAudioBufferClear] = self._clear_output
         self.pc = RTCPeerConnection(ice_configuration(list(config.ice_servers)))
         self.outbound = OutboundAudioTrack(on_played=conversation.mark_played)

@@ -50,7 +50,8 @@ class RealtimeSocket:
         self.control.hooks[ev.InputAudioBufferAppend] = self._append
         self.control.on_formats = self._formats_changed
         self.realtime = RealtimeEvents(self.events, transport="websocket", session_id=self.id,
-                                       output_format=self.control.output_format)
+                                       output_format=self.control.output_format,
+                                       observe_latency=config.observe_latency)
         self.decoder = InputDecoder(self.control.input_format)
         self.close_reason: str | None = None
         self._outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()

@@ -54,7 +54,8 @@ def fuzz_settings(data_dir) -> Settings:
 @pytest.fixture(scope="module")
 def fuzz_server(tts_engine, tmp_path_factory):
     data = tmp_path_factory.mktemp("fuzz")
-    with LiveServer(fuzz_settings(data), Services(tts=tts_engine, references=ReferenceStore(data / "references"))) as live:
+    services = Services(tts=tts_engine, references=ReferenceStore(data / "references"))
+    with LiveServer(fuzz_settings(data), services) as live:
         yield live
 
 
@@ -69,8 +70,22 @@ def _sdp_text(ctx, value) -> bytes:
 
 schema = schemathesis.openapi.from_dict(build_document())
 schema.config.generation.update(modes=list(schemathesis.GenerationMode), max_examples=EXAMPLES_PER_OPERATION,
-                                deterministic="FUZZ_EXAMPLES" not in os.environ, with_security_parameters=False, database="none")
+                                deterministic="FUZZ_EXAMPLES" not in os.environ, with_security_parameters=False,
+                                database="none")
 schema.config.phases.update(phases=FUZZ_PHASES)  # the coverage phase alone sends ~900 requests
+
+
+def test_document_is_valid_openapi_3_1():
+    from openapi_spec_validator import OpenAPIV31SpecValidator
+
+    doc = build_document()
+    OpenAPIV31SpecValidator(doc).validate()  # raises with the first violation
+    operations = {(m.upper(), p) for p, item in doc["paths"].items() for m in item}
+    for needed in (("POST", "/run"), ("POST", "/runsync"), ("GET", "/status/{job_id}"), ("POST", "/v1/tts"),
+                   ("POST", "/v1/references/add"), ("POST", "/v1/realtime/calls"), ("GET", "/metrics")):
+        assert needed in operations
+    job_input = doc["components"]["schemas"]["JobInput"]["properties"]
+    assert job_input["temperature"]["exclusiveMinimum"] == 0.0 and "text" in job_input  # from the pydantic model
 
 
 def test_served_document_is_the_generated_one(fuzz_server):
@@ -154,7 +169,8 @@ def multipart_bodies(draw) -> tuple[bytes, str]:
         body = body[:draw(st.integers(0, len(body)))]  # an early end
     declared = draw(st.sampled_from(["same", "missing", "other", "quoted"]))
     ctype = {"same": f"multipart/form-data; boundary={boundary}", "missing": "multipart/form-data",
-             "other": f"multipart/form-data; boundary={boundary}x", "quoted": f'multipart/form-data; boundary="{boundary}"'}
+             "other": f"multipart/form-data; boundary={boundary}x",
+             "quoted": f'multipart/form-data; boundary="{boundary}"'}
     return body, ctype[declared]
 
 

@@ -42,7 +42,9 @@ def models(tts_engine, tmp_path_factory):
 
 @pytest.fixture
 async def server(models):
-    srv = await LocalServer(models, max_sessions=2, api_key="sekrit").start()
+    latencies: list[dict] = []  # what the server hands its metrics (server.metrics in the product)
+    srv = await LocalServer(models, max_sessions=2, api_key="sekrit", observe_latency=latencies.append).start()
+    srv.latencies = latencies
     yield srv
     await srv.stop()
 
@@ -101,6 +103,7 @@ async def test_text_turn_with_the_openai_sdk(server):
         assert done.response.status == "completed"
         assert done.response.output[0].content[0].text.strip() == text.strip()
         assert not any(e.type == "response.output_audio.delta" for e in events)  # text only
+        assert len(server.latencies) == 1 and server.latencies[0]["first_token"] > 0
 
 
 async def test_spoken_turn_with_the_openai_sdk_gives_transcript_reply_text_and_audio(server):

@@ -82,5 +82,11 @@ class Transcriber:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.transcribe_sync, pcm)
 
+    async def run(self, fn, *args):
+        """`fn(whisper_model, *args)` on the ASR thread, for callers that need faster-whisper's full
+        output (segments, words, translation) rather than plain text."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, self.model, *args)
+
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

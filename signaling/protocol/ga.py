@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import time
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -90,8 +91,10 @@ class _Call:
 
 class RealtimeEvents:
     def __init__(self, events: ServerEvents, *, transport: Transport, session_id: str,
-                 output_format: AudioFormat | None = None) -> None:
+                 output_format: AudioFormat | None = None,
+                 observe_latency: Callable[[Mapping[str, float]], None] | None = None) -> None:
         self.events = events
+        self.observe_latency = observe_latency
         self.transport = transport
         self.session_id = session_id
         self.output_format = output_format or AudioFormat()
@@ -276,6 +279,8 @@ class RealtimeEvents:
         return self._finish_audio(event, event.response_id, out) + [base]
 
     def _response_done(self, event: conv.ResponseDone, base: dict[str, Any]) -> list[dict[str, Any]]:
+        if self.observe_latency is not None and event.status == "completed":
+            self.observe_latency(base.get("latency_ms", {}))
         out = self._outputs.pop(event.response_id, None)
         calls = self._calls.pop(event.response_id, [])
         events: list[dict[str, Any]] = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import time
 from typing import Any
 
 from engine.agent.conversation import events as conv
@@ -115,6 +116,9 @@ def wire_payload(event: conv.ConversationEvent) -> tuple[str, dict[str, Any]]:
                                                    "transcript": event.transcript}
         case conv.ResponseDone():
             return "response.done", _done(event)
+        case conv.UserDtmf():
+            return "input_audio_buffer.dtmf_event_received", {"event": event.digit,
+                                                              "received_at": int(time.time())}
         case conv.ConversationError():
             return "error", {"error": _error_body(event)}
     raise TypeError(f"no wire mapping for {type(event).__name__}")

@@ -78,6 +78,13 @@ class UserTranscript(ConversationEvent):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class UserDtmf(ConversationEvent):
+    """The caller pressed a telephone key (0-9, *, #, A-D), reported by a phone transport."""
+
+    digit: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ResponseCreated(ConversationEvent):
     response_id: str
     item_id: str

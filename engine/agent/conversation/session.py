@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from engine.agent.conversation.events import Output, TurnDetection, UserTranscript
+from engine.agent.conversation.events import Output, TurnDetection, UserDtmf, UserTranscript
 from engine.agent.conversation.history import History, HistoryItem, Role
 from engine.agent.conversation.outputs import OutputQueue
 from engine.agent.conversation.responses import Responder, tts_request
@@ -48,6 +48,7 @@ DEFAULT_INSTRUCTIONS = (
     "without lists, markdown or emoji."
 )
 Mode = Literal["agent", "tts"]
+DTMF_DIGITS = "0123456789*#ABCD"
 
 
 class ConversationSession:
@@ -207,6 +208,13 @@ class ConversationSession:
     async def cancel_response(self, reason: str = "client_cancelled") -> None:
         """Stop LLM and TTS now; clear queued audio; keep only the heard text in the history."""
         await self._responses.cancel(reason)
+
+    def dtmf(self, digit: str) -> None:
+        """A telephone key press from the caller: yielded as a UserDtmf event, in order with the rest."""
+        self._check_open()
+        if not isinstance(digit, str) or len(digit) != 1 or digit.upper() not in DTMF_DIGITS:
+            raise ValueError(f"a DTMF digit is one of {DTMF_DIGITS}, got {digit!r}")
+        self._outputs.emit(UserDtmf(digit=digit.upper()))
 
     # ------------------------------------------------------------------ items
     def items(self) -> list[HistoryItem]:
