@@ -43,7 +43,9 @@ def chat_messages(items: list[HistoryItem]) -> list[dict]:
             else:
                 out.append({"role": "assistant", "content": "", "tool_calls": [call]})
         elif item.type == "function_call_output":
-            out.append({"role": "tool", "tool_call_id": item.call_id, "content": item.text})
+            if any(i.type == "function_call" and i.call_id == item.call_id for i in items):
+                out.append({"role": "tool", "tool_call_id": item.call_id, "content": item.text})
+            # else: its call was deleted; a lone tool message is refused by Chat Completions servers
         else:
             out.append(item.message())
     return out
