@@ -35,20 +35,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-
-def check_ok(choice: ToolChoice, tools: tuple[Tool, ...]) -> bool:
-    try:
-        check_choice(choice, tools)
-    except ValueError:
-        return False
-    return True
-
 DEFAULT_INSTRUCTIONS = (
     "You are a friendly voice assistant. Answer in one or two short spoken sentences, "
     "without lists, markdown or emoji."
 )
 Mode = Literal["agent", "tts"]
 DTMF_DIGITS = "0123456789*#ABCD"
+
+
+def _choice_fits(choice: ToolChoice, tools: tuple[Tool, ...]) -> bool:
+    try:
+        check_choice(choice, tools)
+    except ValueError:
+        return False
+    return True
 
 
 class ConversationSession:
@@ -188,7 +188,8 @@ class ConversationSession:
             self._outputs.error("invalid_request_error", "no_agent", "response.create needs agent mode with an LLM")
             return None
         tools = self.tools if tools is None else tuple(tools)
-        tool_choice = tool_choice or (self.tool_choice if check_ok(self.tool_choice, tools) else AUTO)
+        # The session's choice, unless this response's own tools leave out the tool it names.
+        tool_choice = tool_choice or (self.tool_choice if _choice_fits(self.tool_choice, tools) else AUTO)
         check_choice(tool_choice, tools)
         return self._start_agent_response(instructions=instructions, speak=not text_only, voice=voice,
                                           tools=tools, tool_choice=tool_choice)
