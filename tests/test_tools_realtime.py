@@ -103,3 +103,28 @@ async def test_bad_tool_configuration_is_refused_and_the_session_keeps_its_tools
         await conn.session.update(session={"type": "realtime", "instructions": "Still here."})
         updated = (await events_until(conn, "session.updated", 20))[-1]
         assert [t.name for t in updated.session.tools] == ["get_weather"] and updated.session.tool_choice == "auto"
+
+
+async def test_cancelling_during_a_call_leaves_it_incomplete_and_unanswerable(server):  # noqa: F811
+    async with client_for(server).realtime.connect(model="gpt-realtime") as conn:
+        await events_until(conn, "session.created", 20)
+        await conn.session.update(session={"type": "realtime", "tools": [WEATHER], "output_modalities": ["text"],
+                                           "tool_choice": {"type": "function", "name": "get_weather"},
+                                           "max_output_tokens": 200})
+        await events_until(conn, "session.updated", 20)
+        await conn.conversation.item.create(item={"type": "message", "role": "user", "content": [
+            {"type": "input_text", "text": "What is the weather like in Oslo?"}]})
+        await conn.response.create()
+        added = (await events_until(conn, "response.output_item.added", 60))[-1]
+        assert added.item.type == "function_call"
+        await conn.response.cancel()
+        events = await events_until(conn, "response.done", 60)
+        response = events[-1].response
+        assert response.status == "cancelled" and response.status_details.reason == "client_cancelled"
+        assert [(o.type, o.status) for o in response.output] == [("function_call", "incomplete")]
+        assert "response.function_call_arguments.done" not in [e.type for e in events]
+        # The cut-off call never joined the conversation, so an output for it is refused.
+        await conn.send({"type": "conversation.item.create", "event_id": "evt_late", "item": {
+            "type": "function_call_output", "call_id": added.item.call_id, "output": "too late"}})
+        error = (await events_until(conn, "error", 20))[-1]
+        assert error.error.event_id == "evt_late" and error.error.param == "item.call_id"
