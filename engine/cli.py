@@ -4,7 +4,7 @@
     python -m engine codec decode IN.npy OUT.wav --checkpoint DIR
     python -m engine generate --checkpoint DIR --text T [--prompt-text PT --prompt-tokens REF.npy] --output OUT.npy
     python -m engine tts --checkpoint DIR --text T [--reference REF.wav --reference-text RT] --output OUT.wav
-    python -m engine make-tiny-checkpoint --family s1-mini|s2-pro OUT_DIR
+    python -m engine make-tiny-checkpoint --family s1-mini|s2-pro|fish-speech-1.5 OUT_DIR
 """
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     elif args.prompt_text:
         raise SystemExit("--prompt-text needs --prompt-tokens (the reference's codes)")
     prompt = build_prompt(models.tokenizer, models.family, args.text, references=references, history=[],
-                          num_codebooks=models.config.num_codebooks)
+                          num_codebooks=models.config.num_codebooks, max_length=models.config.max_seq_len)
     if args.dump_prompt_ids:
         np.save(args.dump_prompt_ids, np.asarray(prompt, dtype=np.int64))
     dump = FirstStepDump()
@@ -189,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", required=True, help="codes .npy [codebooks, frames], end frame excluded")
     gen.add_argument("--dump-prompt-ids", help="save the (K+1, T) prompt")
     gen.add_argument("--dump-first-logits", help="save the first step's slow logits (full vocabulary)")
-    gen.add_argument("--dump-first-fast-logits", help="save the first step's codebook-1 logits")
+    gen.add_argument("--dump-first-fast-logits",
+                     help="save the first frame's fast logits, shape (num_codebooks - 1, codebook_size): codebooks "
+                          "1..K-1, each step fed the greedy pick of the one before")
     gen.set_defaults(func=cmd_generate)
 
     tts = sub.add_parser("tts", help="text (+ reference audio) -> speech")
@@ -207,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     tts.set_defaults(func=cmd_tts)
 
     tiny = sub.add_parser("make-tiny-checkpoint", help="write a tiny random checkpoint in the published layout")
-    tiny.add_argument("--family", choices=["s1-mini", "s2-pro"], default="s1-mini")
+    tiny.add_argument("--family", choices=["s1-mini", "s2-pro", "fish-speech-1.5"], default="s1-mini")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("output")
     tiny.set_defaults(func=cmd_make_tiny)

@@ -11,14 +11,14 @@ VENV=.venv
 
 # --- system packages: espeak-ng/sox make test speech, chromium drives the web page tests, ffmpeg libs come with av wheels
 need_apt=()
-for bin in espeak-ng sox chromium chromedriver; do
+for bin in espeak-ng sox chromium chromedriver npm; do
   command -v "$bin" >/dev/null || need_apt+=("$bin")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     pkgs=()
     for b in "${need_apt[@]}"; do
-      case $b in chromedriver) pkgs+=(chromium-driver);; *) pkgs+=("$b");; esac
+      case $b in chromedriver) pkgs+=(chromium-driver);; npm) pkgs+=(nodejs npm);; *) pkgs+=("$b");; esac
     done
     echo "setup: apt-get install ${pkgs[*]}"
     apt-get update -qq
@@ -26,6 +26,11 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   else
     echo "setup: missing system tools (${need_apt[*]}); install them with your package manager for the full test suite" >&2
   fi
+fi
+
+# --- the browser bundle of OpenAI's Agents SDK, for the browser test that drives our realtime API with it
+if command -v npm >/dev/null && [ ! -d tests/agents_js/node_modules/@openai/agents-realtime ]; then
+  npm ci --prefix tests/agents_js --no-audit --no-fund --loglevel=error
 fi
 
 # --- virtual environment

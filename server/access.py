@@ -1,10 +1,17 @@
-"""Who may call, from which origin, and what a refused or failed request looks like: one API-key
-check, one CORS policy and one last-resort error handler for every route of the application (the
-job API, upstream Fish Speech's /v1 routes, /v1/realtime and whatever is added later).
+"""Who may call, from which origin, how often, and what a refused or failed request looks like:
+one key check, one CORS policy, one rate limiter and one last-resort error handler for every route
+of the application (the job API, upstream Fish Speech's /v1 routes, /v1/realtime and whatever is
+added later).
 
-    install(app, api_key=..., cors_origins=...)     once per application (later calls reuse it)
+    install(app, api_key=..., cors_origins=..., keys_file=..., limiter=...)   once per application
     add_error_style(app, "/v1/realtime", openai_error)   the error body a path prefix answers with
-    @requires_key()                                  a handler that needs the API key
+    @requires_key()                                  marks a keyed handler (and may name its error style)
+
+Which key a route needs, and its rate-limit group, is server.scopes' table. A caller is the full
+API_KEY, a named key of the keys file with scopes (server.keys) or an `ek_` client secret
+(server.client_secrets), which opens realtime sessions only; request[PRINCIPAL] says which.
+401 for a missing, unknown, forged or expired key; 403 for a key without the route's scope; 429
+with Retry-After over a limit. Refusals are counted for /metrics by route and status.
 
 A route picks its error body by the longest registered path prefix (or the style named in
 `requires_key`), so a client always gets the error shape of the API it speaks. Every response
@@ -22,6 +29,12 @@ from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import Counter
+
+from server import scopes
+from server.client_secrets import ClientSecrets, InvalidSecret, signing_secret
+from server.keys import KeyRing, Principal
+from server.ratelimit import Limited, RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +44,10 @@ ErrorStyle = Callable[[int, str, str], dict[str, Any]]
 # request[REQUEST_ID]: this request's id, also its X-Request-Id header
 REQUEST_ID: Any = web.RequestKey("request_id", str) if hasattr(web, "RequestKey") else "request_id"
 UNAUTHORIZED = "missing or wrong API key: send Authorization: Bearer <API_KEY>"
+PRINCIPAL: Any = web.RequestKey("principal", Principal) if hasattr(web, "RequestKey") else "principal"
+# Process-wide like the other metrics; each app's /metrics registry includes it.
+REFUSALS = Counter("fishvoice_access_refusals", "Requests refused by the access policy (401, 403, 429) by route",
+                   ["route", "status"], registry=None)
 
 
 def openai_error(status: int, code: str, message: str) -> dict[str, Any]:
@@ -43,6 +60,9 @@ def openai_error(status: int, code: str, message: str) -> dict[str, Any]:
 class AccessPolicy:
     api_key: str | None
     origins: tuple[str, ...]
+    keys: KeyRing = dataclasses.field(default_factory=lambda: KeyRing(None, None))
+    client_secrets: ClientSecrets = dataclasses.field(default_factory=lambda: ClientSecrets(signing_secret(None, None)[0]))
+    limiter: RateLimiter | None = None
     prefixes: dict[str, ErrorStyle] = dataclasses.field(default_factory=lambda: {"": openai_error})
     named: dict[str, ErrorStyle] = dataclasses.field(default_factory=dict)
 
@@ -63,15 +83,6 @@ class AccessPolicy:
 
     def origin_allowed(self, origin: str | None) -> bool:
         return origin is not None and ("*" in self.origins or origin.rstrip("/") in self.origins)
-
-    def key_matches(self, header: str) -> bool:
-        """`Bearer KEY`, or the bare key as RunPod's docs also show it."""
-        assert self.api_key is not None
-        scheme, _, token = header.partition(" ")
-        token = token.strip() if scheme.lower() == "bearer" else header.strip()
-        # Header values (and a key from the environment) may hold undecodable bytes as surrogates.
-        return hmac.compare_digest(token.encode("utf-8", "surrogatepass"),
-                                   self.api_key.encode("utf-8", "surrogatepass"))
 
 
 ACCESS = web.AppKey("access", AccessPolicy)
@@ -101,15 +112,25 @@ def _origins(value: str | Iterable[str] | None) -> tuple[str, ...]:
     return tuple(o.strip().rstrip("/") for o in value if o and o.strip())
 
 
-def install(app: web.Application, *, api_key: str | None, cors_origins: str | Iterable[str] | None) -> AccessPolicy:
+def install(app: web.Application, *, api_key: str | None, cors_origins: str | Iterable[str] | None,
+            keys: KeyRing | None = None, client_secret_key: str | None = None,
+            limiter: RateLimiter | None = None) -> AccessPolicy:
     """Add the access middlewares to `app` (outermost, in front of any others). A second call on the
-    same app returns the policy the first one installed."""
+    same app returns the policy the first one installed. Without `keys`, `api_key` alone is the key;
+    without `limiter`, nothing is rate limited."""
     if ACCESS in app:
         return app[ACCESS]
-    policy = AccessPolicy(api_key=api_key or None, origins=_origins(cors_origins))
+    secret, shared = signing_secret(client_secret_key, api_key or None)
+    keys = keys if keys is not None else KeyRing(api_key or None, None)
+    if not shared and keys.enabled:
+        log.warning("client secrets are signed with a per-process secret: set CLIENT_SECRET_KEY so that "
+                    "every replica accepts them")
+    policy = AccessPolicy(api_key=api_key or None, origins=_origins(cors_origins), keys=keys,
+                          client_secrets=ClientSecrets(secret), limiter=limiter)
     app[ACCESS] = policy
-    # Outermost first: the last resort sees everything; preflights pass before the key check.
-    app.middlewares[0:0] = [_last_resort, _preflight, _auth]
+    # Outermost first: the last resort sees everything; preflights pass before the key check, and
+    # the key check before the limits (which count per key).
+    app.middlewares[0:0] = [_last_resort, _preflight, _auth, _limit]
     app.on_response_prepare.append(_response_headers)
     return policy
 
@@ -199,13 +220,79 @@ def _presented_key(request: web.Request) -> str:
     return header
 
 
+def _bearer(request: web.Request) -> str | None:
+    """`Bearer KEY`, or the bare key as RunPod's docs also show it; None when nothing was sent."""
+    header = _presented_key(request).strip()
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else header
+
+
+def _refuse(request: web.Request, route: str, status: int, code: str, message: str,
+            headers: dict[str, str] | None = None) -> web.Response:
+    REFUSALS.labels(route=route, status=str(status)).inc()
+    return request.app[ACCESS].error(request, status, code, message, headers=headers)
+
+
+def admit(policy: AccessPolicy, request: web.Request, rule: scopes.Rule) -> Principal | tuple[int, str, str]:
+    """The caller of a keyed route, or (status, code, message) saying why not."""
+    token = _bearer(request)
+    if token is not None and token.startswith("ek_"):
+        try:
+            claims = policy.client_secrets.verify(token)
+        except InvalidSecret as exc:
+            return 401, exc.code, str(exc)
+        if not rule.ephemeral:
+            return 403, "client_secret_not_allowed", ("client secrets (ek_) only open realtime sessions "
+                                                      "(POST /v1/realtime/calls, the /v1/realtime WebSocket)")
+        return Principal(name=claims.minted_by, kind="ephemeral", scopes=frozenset({"realtime"}),
+                         session=claims.session, secret_id=claims.id)
+    if not policy.keys.enabled:  # an open server: per client address
+        return Principal(name=f"ip:{request.remote}", kind="anonymous")
+    principal = policy.keys.lookup(token) if token else None
+    if principal is None:
+        return 401, "invalid_api_key", UNAUTHORIZED
+    assert rule.scope is not None
+    if not principal.allows(rule.scope):
+        return 403, "insufficient_scope", (f"this key ({principal.name.removeprefix('key:')}) lacks the "
+                                           f"{rule.scope!r} scope that {request.path} needs")
+    return principal
+
+
 @web.middleware
 async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    policy = request.app[ACCESS]
-    if (policy.api_key and request.method != "OPTIONS" and _marker(request)
-            and not policy.key_matches(_presented_key(request))):
-        return policy.error(request, 401, "invalid_api_key", UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
+    route = scopes.route_name(request)
+    if request.method == "OPTIONS" or route is None:
+        return await handler(request)
+    rule = scopes.rule_for(route)
+    if rule.scope is None:
+        return await handler(request)
+    admitted = admit(request.app[ACCESS], request, rule)
+    if isinstance(admitted, tuple):
+        status, code, message = admitted
+        return _refuse(request, route, status, code, message,
+                       headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
+    request[PRINCIPAL] = admitted
     return await handler(request)
+
+
+@web.middleware
+async def _limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+    limiter = request.app[ACCESS].limiter
+    principal = request.get(PRINCIPAL)
+    route = scopes.route_name(request)
+    group = scopes.rule_for(route).limit if route is not None else None
+    if limiter is None or principal is None or group is None:
+        return await handler(request)
+    try:
+        await limiter.hit(group, principal.name)
+        with limiter.slot(group, principal.name):
+            return await handler(request)
+    except Limited as exc:
+        assert route is not None
+        return _refuse(request, route, 429, "rate_limit_exceeded", f"{exc}; retry after {exc.retry_after} s",
+                       headers={"Retry-After": str(exc.retry_after)})
 
 
 async def _response_headers(request: web.Request, response: web.StreamResponse) -> None:

@@ -21,12 +21,14 @@ from pydantic import ValidationError
 
 from engine.audio import encode_audio, float_to_pcm16, mime_type
 from engine.speech.types import Reference, SamplingOptions, TTSRequest
+from server.access import PRINCIPAL
 from server.jobs.input import named_voice, prepare_job, probe_audio
 from server.jobs.turn import SpeechPiece, TurnResult, frame_limit, run_turn
 from server.http import CONVERSATIONS, SERVICES, SETTINGS, fish_error, read_structured, requires_key
 from server.references import VoiceError, check_id
 from server.schema import RequestError, ServeTTSRequest, describe_validation_error
 from server.services import ServiceUnavailable
+from server.voice_owners import VoiceOwners
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +188,19 @@ def _text(value: Any) -> Any:
     return value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else value
 
 
+VOICE_OWNERS = web.AppKey("voice_owners", VoiceOwners)  # set by server.app
+
+
+def _owners(request: web.Request) -> VoiceOwners:
+    return request.app[VOICE_OWNERS]
+
+
+def _check_owner(request: web.Request, store: Any, reference_id: str) -> None:
+    """A key with the references scope changes its own voices; another key's needs admin."""
+    if not _owners(request).may_change(request.get(PRINCIPAL), reference_id, store.exists(reference_id)):
+        raise RequestError(403, f"reference {reference_id!r} belongs to another key; changing it needs the admin scope")
+
+
 @requires_key("fish")
 async def add_reference(request: web.Request) -> web.Response:
     store = request.app[SERVICES].references
@@ -204,8 +219,10 @@ async def add_reference(request: web.Request) -> web.Response:
             raise RequestError(413, f"audio is {len(audio)} bytes; the limit is {settings.max_reference_bytes}")
         await probe_audio(bytes(audio), "audio", 44100, settings.max_reference_seconds)
         assert store is not None
+        _check_owner(request, store, reference_id)
         await asyncio.to_thread(store.add, reference_id, bytes(audio), _text(body.get("text")) or "",
                                 filenames.get("audio"))
+        await asyncio.to_thread(_owners(request).set, reference_id, request.get(PRINCIPAL))
     except (RequestError, VoiceError) as exc:
         return _ref_error(request, getattr(exc, "status", 400), str(exc))
     return _ref_response(request, {"success": True, "message": f"reference {reference_id!r} added",
@@ -226,7 +243,9 @@ async def delete_reference(request: web.Request) -> web.Response:
         body, _ = await _reference_body(request)
         reference_id = check_id(_text(body.get("reference_id")))
         assert store is not None
+        _check_owner(request, store, reference_id)
         await asyncio.to_thread(store.delete, reference_id)
+        await asyncio.to_thread(_owners(request).forget, reference_id)
     except (RequestError, VoiceError) as exc:
         return _ref_error(request, getattr(exc, "status", 400), str(exc))
     return _ref_response(request, {"success": True, "message": f"reference {reference_id!r} deleted",
@@ -241,7 +260,10 @@ async def update_reference(request: web.Request) -> web.Response:
         old = check_id(_text(body.get("old_reference_id")), "old_reference_id")
         new = check_id(_text(body.get("new_reference_id")), "new_reference_id")
         assert store is not None
+        _check_owner(request, store, old)
+        _check_owner(request, store, new)
         await asyncio.to_thread(store.rename, old, new)
+        await asyncio.to_thread(_owners(request).move, old, new)
     except (RequestError, VoiceError) as exc:
         return _ref_error(request, getattr(exc, "status", 400), str(exc))
     return _ref_response(request, {"success": True, "message": f"reference {old!r} renamed to {new!r}",

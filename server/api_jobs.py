@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
+from server.access import ACCESS
 from server.jobs.input import prepare_job
 from server.http import JOBS, SERVICES, SETTINGS, job_error, read_json, requires_key
 from server.jobs import FINAL_STATES, NotRetryable, QueueFull
@@ -139,7 +140,11 @@ def model_state(request: web.Request) -> dict[str, Any]:
 async def health(request: web.Request) -> web.Response:
     """Job and worker counts (RunPod's shape) plus the model state; never needs the API key."""
     body = await request.app[JOBS].health()
-    return web.json_response({**body, **model_state(request), "realtime": realtime_sessions(request.app)})
+    body = {**body, **model_state(request), "realtime": realtime_sessions(request.app)}
+    keys = request.app[ACCESS].keys
+    if keys.keys_file is not None:  # says when the keys file is broken (the last good one stays in force)
+        body["access"] = keys.describe()
+    return web.json_response(body)
 
 
 def realtime_sessions(app: web.Application) -> dict[str, int]:

@@ -26,6 +26,7 @@ from server.jobs.handler import handle_job
 from server.jobs import JobManager, JobStore
 from server.services import Services, load_services
 from server.settings import Settings
+from server.voice_owners import VoiceOwners
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ def create_app(settings: Settings, services: Services | None = None) -> web.Appl
     api_jobs.add_routes(r)
     api_jobs.add_routes(r, prefix="/v2/{endpoint_id}")
     api_fish.add_routes(r)
+    app[api_fish.VOICE_OWNERS] = VoiceOwners(settings.data_dir / "reference_owners.json")  # who added each voice
     openai_audio.add_routes(r)
     metrics.install(app)
     openapi.install(app)

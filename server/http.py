@@ -12,6 +12,8 @@ from server.access import requires_key
 from server.bodies import read_bytes, read_json, read_structured
 from server.conversations import ConversationStore
 from server.jobs import JobManager
+from server.keys import KeyRing
+from server.ratelimit import RateLimiter
 from server.schema import job_error_body
 from server.services import Services
 from server.settings import Settings
@@ -55,9 +57,14 @@ def body_limit(settings: Settings) -> int:
 
 
 def install_access(app: web.Application, settings: Settings) -> None:
-    """The API key, CORS and last-resort error handling for every route (see server.access): the
+    """Keys, rate limits, CORS and last-resort error handling for every route (see server.access): the
     job API's error shape at / and /v2, upstream Fish Speech's under /v1."""
-    access.install(app, api_key=settings.api_key, cors_origins=settings.cors_origins)
+    limiter = None
+    if settings.rate_limits_enabled:
+        limiter = RateLimiter(settings.rate_limit_storage, settings.rate_limits, settings.concurrency_limits)
+    access.install(app, api_key=settings.api_key, cors_origins=settings.cors_origins,
+                   keys=KeyRing(settings.api_key, settings.keys_file), client_secret_key=settings.client_secret_key,
+                   limiter=limiter)
     access.add_error_style(app, "", job_error_style, name="job")
     access.add_error_style(app, "/v1", fish_error_style, name="fish")
     for prefix in ("/v1/audio", "/v1/models"):  # OpenAI's audio API answers in OpenAI's shape

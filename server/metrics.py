@@ -9,6 +9,7 @@
     fishvoice_realtime_calls_active, _max          live WebRTC calls and the limit
     fishvoice_model_batch_size                      histogram: sequences per batched model step
     fishvoice_model_active_requests                 requests the model worker is serving now
+    fishvoice_access_refusals_total{route, status}  requests refused with 401, 403 or 429
     process_* (CPU, memory, open files)
 
 Values that describe the app's state are read when /metrics is scraped, from the objects that
@@ -27,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram,
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from server.access import requires_key
+from server.access import REFUSALS, requires_key
 
 STAGES = ("transcript", "first_token", "first_audio", "total")
 LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
@@ -116,6 +117,7 @@ def install(app: web.Application) -> None:
     """A registry for this app (its state, the process-wide turn latencies, process figures) and GET /metrics."""
     registry = CollectorRegistry()
     registry.register(TURN_LATENCY)
+    registry.register(REFUSALS)
     registry.register(AppStateCollector(app))
     ProcessCollector(registry=registry)
     app[REGISTRY] = registry

@@ -195,6 +195,14 @@ def build_document(server_url: str | None = None) -> dict[str, Any]:
                   "multipart/form-data": {"schema": b.ref(RealtimeForm)}}, tag="realtime")},
         "/v1/realtime/config": {"get": _op("ICE servers and modes for browser clients", {"200": _resp("config")},
                                            tag="realtime")},
+        "/v1/realtime/client_secrets": {"post": _op(
+            "Mint an ephemeral ek_ client secret for a browser (OpenAI GA shape)",
+            {"200": _resp("{value: ek_..., expires_at, session}"), "400": _resp("bad expires_after or session")},
+            body={"application/json": {"schema": {"type": "object", "properties": {
+                "expires_after": {"type": "object", "properties": {
+                    "anchor": {"const": "created_at"}, "seconds": {"type": "integer", "minimum": 10,
+                                                                   "maximum": 7200, "default": 600}}},
+                "session": {"type": "object"}}}}}, tag="realtime")},
         "/metrics": {"get": _op("Prometheus metrics", {"200": _resp("text exposition format",
                                                                     {"text/plain": {"schema": {"type": "string"}}})},
                                 tag="operations")},
@@ -208,13 +216,48 @@ def build_document(server_url: str | None = None) -> dict[str, Any]:
                                 "served under /v2/{endpoint_id}/ for RunPod clients. Send `Authorization: Bearer "
                                 "KEY` when the server has an API key."},
         "paths": paths,
-        "components": {"schemas": b.schemas,
-                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "components": {"schemas": b.schemas, "securitySchemes": SECURITY_SCHEMES},
         "security": [{"bearer": []}],
     }
+    _declare_access(paths)
     if server_url:
         doc["servers"] = [{"url": server_url}]
     return doc
+
+
+SECURITY_SCHEMES = {
+    "bearer": {"type": "http", "scheme": "bearer",
+               "description": "API_KEY (every scope) or a named key of the keys file; an operation's "
+                              "security lists the scope it needs (realtime, tts, asr, jobs, references, admin)"},
+    "clientSecret": {"type": "http", "scheme": "bearer", "bearerFormat": "ek_",
+                     "description": "an ephemeral client secret from POST /v1/realtime/client_secrets: "
+                                    "opens realtime sessions only"},
+}
+
+
+def _declare_access(paths: dict[str, Any]) -> None:
+    """Each operation's scope, rate limit and refusals, from the one route table (server.scopes)."""
+    from server import scopes
+    from limits import parse
+
+    from server.ratelimit import DEFAULT_LIMITS
+
+    for path, item in paths.items():
+        rule = scopes.rule_for(path)
+        for op in item.values():
+            if rule.scope is None:
+                op["security"] = []
+                continue
+            needed = [] if rule.scope == scopes.ANY else [rule.scope]
+            op["security"] = [{"bearer": needed}] + ([{"clientSecret": []}] if rule.ephemeral else [])
+            op["responses"].setdefault("401", _resp("missing, unknown, forged or expired key"))
+            op["responses"].setdefault("403", _resp("the key lacks the scope (or is a client secret)"))
+            if rule.limit is not None:
+                rate, concurrent = DEFAULT_LIMITS[rule.limit]
+                item_ = parse(rate)
+                op["x-rate-limit"] = {"group": rule.limit, "requests": item_.amount,
+                                      "per_seconds": item_.get_expiry(), "concurrent": concurrent}
+                op["responses"].setdefault("429", _resp("over the rate limit or concurrency cap; see Retry-After"))
 
 
 def _version() -> str:

@@ -45,6 +45,12 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     api_key: str | None = None  # when set, `Authorization: Bearer KEY` is required (not for /health)
     cors_origins: Annotated[list[str], NoDecode] = []  # "*" or a comma-separated list of origins
+    keys_file: Path | None = None  # named keys with scopes (TOML, see server.keys); re-read when it changes
+    client_secret_key: str | None = None  # signs ek_ client secrets; default: derived from API_KEY
+    rate_limits_enabled: bool = True
+    rate_limit_storage: str = "memory://"  # or redis://host:port/ so that replicas share the budgets
+    rate_limits: dict[str, str] = {}  # JSON, by group: {"cancel": "100 per 10 seconds"} (server.ratelimit)
+    concurrency_limits: dict[str, int | None] = {}  # JSON, by group: {"cancel": 20}
 
     # --- storage
     data_dir: Path = Path("data")  # job store, conversations, named references
@@ -93,8 +99,15 @@ class Settings(BaseSettings):
     def _lists(cls, value: Any) -> Any:
         return _split_list(value)
 
-    @field_validator("api_key", "llm_base_url", "llm_api_key", "llm_gguf", "device", "twilio_auth_token",
-                     "telephony_public_url", "telephony_webhook_key", "telephony_token_secret", mode="before")
+    @field_validator("rate_limits", "concurrency_limits", mode="before")
+    @classmethod
+    def _json_object(cls, value: Any) -> Any:
+        """A JSON object given as text (a command-line flag) -> a dict."""
+        return json.loads(value) if isinstance(value, str) and value.strip() else value
+
+    @field_validator("api_key", "client_secret_key", "keys_file", "llm_base_url", "llm_api_key", "llm_gguf", "device",
+                     "twilio_auth_token", "telephony_public_url", "telephony_webhook_key", "telephony_token_secret",
+                     mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value

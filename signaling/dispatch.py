@@ -49,6 +49,10 @@ class RealtimeControl:
         self.max_message_bytes = max_message_bytes
         self.hooks: dict[type, Hook] = {}  # transport-specific client events
         self.on_formats: Callable[[], None] | None = None  # the transport re-reads input/output formats
+        self.on_item_added: Callable[[str], None] | None = None  # a client item joined the conversation
+        # response id -> the `metadata` its response.create carried, echoed on its response object
+        # (LiveKit's plugin pairs generate_reply() with response.created by it)
+        self.response_metadata: dict[str, dict[str, Any]] = {}
 
     def describe(self) -> dict[str, Any]:
         conv = self.conversation
@@ -80,8 +84,10 @@ class RealtimeControl:
         except (OptionsError, ToolConfigError) as exc:
             self.error("invalid_value", str(exc), param=exc.param, event_id=event.event_id)
         except LookupError as exc:
-            self.error("item_not_found", f"no conversation item {exc.args[0]!r}", param="item_id",
-                       event_id=event.event_id)
+            # OpenAI's codes name the verb (item_retrieve_invalid_item_id, ...); Pipecat keys on them
+            verb = event.type.rsplit(".", 1)[-1] if event.type.startswith("conversation.item.") else None
+            self.error(f"item_{verb}_invalid_item_id" if verb else "item_not_found",
+                       f"no conversation item {exc.args[0]!r}", param="item_id", event_id=event.event_id)
         except ValueError as exc:  # the conversation refused it (empty text, agent mode without LLM, ...)
             self.error("invalid_request", str(exc), event_id=event.event_id)
         except RuntimeError as exc:  # the conversation is closing
@@ -137,6 +143,8 @@ class RealtimeControl:
                                     t=self.now()))
         self.send(self.events.build("conversation.item.done", {"previous_item_id": previous, "item": item},
                                     t=self.now()))
+        if self.on_item_added is not None:
+            self.on_item_added(item_id)
 
     async def _function_call_output(self, event: ev.ConversationItemCreate) -> None:
         """The client's result of a tool call; the next response.create answers with it."""
@@ -182,14 +190,20 @@ class RealtimeControl:
         voice_value = voice_value or params.get("voice")
         if isinstance(voice_value, dict):
             voice_value = voice_value.get("id")
+        metadata = params.get("metadata")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise OptionsError("response.metadata", "must be an object")
         voice = await resolve_voice(self.services, str(voice_value)) if voice_value else None
         try:
             tools = parse_tools(params["tools"]) if params.get("tools") is not None else None
             choice = parse_tool_choice(params["tool_choice"], None) if params.get("tool_choice") is not None else None
-            await self.conversation.create_response(instructions=instructions, text_only="audio" not in modalities,
-                                                    voice=voice, tools=tools, tool_choice=choice)
+            response_id = await self.conversation.create_response(
+                instructions=instructions, text_only="audio" not in modalities, voice=voice, tools=tools,
+                tool_choice=choice)
         except ToolConfigError as exc:
             raise OptionsError(f"response.{exc.param}", str(exc).split(": ", 1)[-1]) from None
+        if metadata and response_id:
+            self.response_metadata[response_id] = metadata
 
     async def _on_ResponseCancel(self, event: ev.ResponseCancel) -> None:
         await self.conversation.cancel_response()

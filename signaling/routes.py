@@ -7,6 +7,7 @@
   DELETE /v1/realtime/calls/{call_id}  hang up (also POST .../{call_id}/hangup)
   GET    /v1/realtime/calls/{call_id}  the call's state and audio statistics
   GET    /v1/realtime/config           ICE servers and modes for browser clients
+  POST   /v1/realtime/client_secrets   mint an `ek_` secret for a browser (signaling.client_secrets)
   GET    /  and /web/...               the browser client
 
 Session options come from the query string and the multipart `session` field (see
@@ -22,6 +23,7 @@ from pathlib import Path
 from aiohttp import web
 
 from server import access
+from signaling.client_secrets import create_client_secret, secret_options
 from signaling.configure import build_conversation
 from signaling.datachannel import CHANNEL_LABEL, clamp_sctp_chunks
 from signaling.errors import CallError
@@ -69,6 +71,7 @@ def install(app: web.Application, *, services: RealtimeModels, config: RealtimeC
     r.add_post(CALLS_PATH + "/{call_id}/hangup", hang_up)
     r.add_get("/v1/realtime/config", get_config)
     install_telephony(app, services=services, config=config, registry=app[CALLS])
+    r.add_post("/v1/realtime/client_secrets", create_client_secret)
     if WEB_DIR.is_dir():
         r.add_get("/", index)
         r.add_static("/web/", WEB_DIR, append_version=False)
@@ -89,6 +92,7 @@ async def create_call(request: web.Request) -> web.Response:
     registry = request.app[CALLS]
     try:
         sdp, options = await read_offer(request)
+        options = secret_options(request).merged(options)  # an ek_ secret's session, then the request's
         check_offer(sdp)  # our clear 400s first (no audio, no Opus, too large), then aiortc's parser
         parse_offer(sdp)
         async with registry.reserve():
@@ -113,7 +117,7 @@ async def realtime_socket(request: web.Request) -> web.StreamResponse:
     registry = request.app[CALLS]
     services, config = request.app[MODELS], request.app[CONFIG]
     try:
-        options = from_query(request.query)
+        options = secret_options(request).merged(from_query(request.query))
         async with registry.reserve():
             conversation = await build_conversation(services, config, options)
             ws = web.WebSocketResponse(protocols=(SUBPROTOCOL,), heartbeat=HEARTBEAT_SECONDS,

@@ -57,7 +57,9 @@ class PeerCall:
                                        events=self.events, send=self.send, options=options,
                                        model=config.model_name)
         self.realtime = RealtimeEvents(self.events, transport="webrtc", session_id=self.id,
-                                       observe_latency=config.observe_latency)
+                                       observe_latency=config.observe_latency,
+                                       response_metadata=self.control.response_metadata)
+        self.control.on_item_added = self.realtime.note_item
         self.control.hooks[ev.OutputAudioBufferClear] = self._clear_output
         self.pc = RTCPeerConnection(ice_configuration(list(config.ice_servers)))
         self.outbound = OutboundAudioTrack(on_played=conversation.mark_played)

@@ -51,7 +51,9 @@ class RealtimeSocket:
         self.control.on_formats = self._formats_changed
         self.realtime = RealtimeEvents(self.events, transport="websocket", session_id=self.id,
                                        output_format=self.control.output_format,
-                                       observe_latency=config.observe_latency)
+                                       observe_latency=config.observe_latency,
+                                       response_metadata=self.control.response_metadata)
+        self.control.on_item_added = self.realtime.note_item
         self.decoder = InputDecoder(self.control.input_format)
         self.close_reason: str | None = None
         self._outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()

@@ -78,7 +78,10 @@ def test_codec_generate_and_tts_commands(tmp_path, tiny_s1_checkpoint, speech_wa
     semantic = (prompt[0] >= tok.semantic_begin_id) & (prompt[0] <= tok.semantic_end_id)
     assert semantic.sum() == 16 and np.array_equal(prompt[1:, semantic], ref)  # the reference's codes, in order
     config = json.loads((tiny_s1_checkpoint / "config.json").read_text())
-    assert np.load(slow).shape == (config["vocab_size"],) and np.load(fast).shape == (config["codebook_size"],)
+    assert np.load(slow).shape == (config["vocab_size"],)
+    # every fast codebook of the first frame, each fed the greedy pick of the one before
+    assert np.load(fast).shape == (config["num_codebooks"] - 1, config["codebook_size"])
+    assert np.array_equal(np.load(fast).argmax(-1), gen[1:, 0])
     # Reproducible: the same greedy command gives the same codes.
     out2 = tmp_path / "codes2.npy"
     assert run("generate", "--checkpoint", ckpt, "--text", "Hello world.", "--prompt-text", "A tone.",

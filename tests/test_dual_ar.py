@@ -199,8 +199,10 @@ def test_generation_stops_on_end_token_and_at_context_limit():
 def test_first_step_dump_has_full_vocab_and_codebook_logits():
     runner = DualARRunner(_small_model(), im_end_id=299)
     dump = FirstStepDump()
-    generate_codes(runner, _prompt(), SamplingOptions(greedy=True), 2, dump)
-    assert dump.slow_logits.shape == (400,) and dump.fast_logits.shape == (64,)
+    codes = generate_codes(runner, _prompt(), SamplingOptions(greedy=True), 2, dump)
+    assert dump.slow_logits.shape == (400,) and dump.fast_logits.shape == (3, 64)  # codebooks 1..K-1
+    # each row was fed the greedy pick of the one before: greedy generation made the same picks
+    assert torch.equal(dump.fast_logits.argmax(-1), codes[1:, 0])
     restricted = dump.slow_logits[[299] + list(range(300, 364))]
     assert restricted.argmax().item() >= 0  # the candidates are a slice of the full logits
     assert torch.isfinite(dump.slow_logits).all()

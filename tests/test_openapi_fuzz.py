@@ -48,7 +48,8 @@ def acceptable(status: int) -> bool:
 def fuzz_settings(data_dir) -> Settings:
     return Settings(data_dir=data_dir, mode="tts", api_key=KEY, asr_model="none", llm_enabled=False,
                     max_new_tokens_limit=2, max_text_length=300, max_reference_bytes=64 * 1024, queue_size=16,
-                    concurrent_jobs=2, runsync_wait=5.0, execution_timeout=30.0, cors_origins=[])
+                    concurrent_jobs=2, runsync_wait=5.0, execution_timeout=30.0, cors_origins=[],
+                    rate_limits_enabled=False)  # thousands of requests from one key: input handling, not limits
 
 
 @pytest.fixture(scope="module")

@@ -206,4 +206,4 @@ def test_highest_semantic_code_is_accepted(toks):
 
 def test_unknown_family_raises(toks):
     with pytest.raises(ValueError, match="family"):
-        build_prompt(toks["s2-pro"], "fish-speech-1.5", "x", num_codebooks=K)
+        build_prompt(toks["s2-pro"], "fish-speech-1.4", "x", num_codebooks=K)

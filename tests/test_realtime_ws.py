@@ -8,7 +8,6 @@ import asyncio
 import base64
 import json
 import time
-import types
 
 import aiohttp
 import numpy as np
@@ -24,20 +23,6 @@ QUESTION = "What is the capital of France?"
 TTS_FRAMES = 24  # ~1.1 s of audio per sentence; the random tiny checkpoint never stops on its own
 
 pytestmark = pytest.mark.skipif(not speechkit.espeak_available(), reason="espeak-ng/sox not installed")
-
-
-@pytest.fixture(scope="module")
-def models(tts_engine, tmp_path_factory):
-    from engine.agent.asr import Transcriber
-    from engine.agent.llm.embedded import EmbeddedLLM
-    from engine.agent.vad import SileroVAD
-    from server.references import ReferenceStore
-
-    llm = EmbeddedLLM.load()
-    references = ReferenceStore(tmp_path_factory.mktemp("references"))
-    yield types.SimpleNamespace(asr=Transcriber.load(), vad=SileroVAD.load(), llm=llm, tts=tts_engine,
-                                references=references, loading=False)
-    llm.close()
 
 
 @pytest.fixture
@@ -166,7 +151,7 @@ async def test_bad_events_get_error_events_and_the_session_goes_on(server):
         assert error.error.event_id == "evt_2" and "base64" in error.error.message
         await conn.send({"type": "conversation.item.retrieve", "item_id": "item_nope", "event_id": "evt_3"})
         error = (await events_until(conn, "error", 20))[-1]
-        assert error.error.event_id == "evt_3" and error.error.code == "item_not_found"
+        assert error.error.event_id == "evt_3" and error.error.code == "item_retrieve_invalid_item_id"
         await conn.session.update(session={"type": "realtime", "instructions": "Still here."})
         updated = (await events_until(conn, "session.updated", 20))[-1]
         assert updated.session.instructions == "Still here."

@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import aioice.ice
@@ -28,20 +27,6 @@ from rtc_client import LocalServer, RealtimeClient, force_loopback_ice
 QUESTION = "What is the capital of France?"
 TTS_FRAMES = 24  # ~1.1 s of audio per sentence from the random tiny checkpoint
 LONG_FRAMES = 400  # ~18 s: a reply that is still playing when the user barges in
-
-
-@pytest.fixture(scope="module")
-def models(tts_engine, tmp_path_factory):
-    from engine.agent.asr import Transcriber
-    from engine.agent.llm.embedded import EmbeddedLLM
-    from engine.agent.vad import SileroVAD
-    from server.references import ReferenceStore
-
-    llm = EmbeddedLLM.load()
-    references = ReferenceStore(tmp_path_factory.mktemp("references"))
-    yield types.SimpleNamespace(asr=Transcriber.load(), vad=SileroVAD.load(), llm=llm, tts=tts_engine,
-                                references=references, loading=False)
-    llm.close()
 
 
 @pytest.fixture(scope="module", autouse=True)

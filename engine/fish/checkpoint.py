@@ -23,6 +23,7 @@ KNOWN_REPOS = {
     "s1-mini": "fishaudio/openaudio-s1-mini",
     "openaudio-s1-mini": "fishaudio/openaudio-s1-mini",
     "s2-pro": "fishaudio/s2-pro",
+    "fish-speech-1.5": "fishaudio/fish-speech-1.5",
 }
 
 
@@ -43,7 +44,8 @@ def resolve_checkpoint(spec: str | os.PathLike[str], cache_dir: str | None = Non
             f"checkpoint directory {path} does not exist. Download a published checkpoint "
             "(huggingface-cli download fishaudio/openaudio-s1-mini --local-dir checkpoints/openaudio-s1-mini; "
             "the repos are gated: accept the licence on the model page and `huggingface-cli login` first) "
-            "or write a tiny random one with `python -m engine make-tiny-checkpoint --family s1-mini DIR`."
+            "or write a tiny random one with `python -m engine make-tiny-checkpoint --family s1-mini DIR` "
+            "(families: s1-mini, s2-pro, fish-speech-1.5)."
         )
     try:
         from huggingface_hub import snapshot_download

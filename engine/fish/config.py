@@ -1,7 +1,10 @@
 """Dual-AR model configuration: parsed from a checkpoint's config.json, every shape derived.
 
-Two published layouts exist (spec §1.5): the flat `dual_ar` file of OpenAudio S1-mini and the
-nested `fish_qwen3_omni` file of Fish Audio S2-Pro. Both become one frozen `DualARConfig`.
+Published layouts (spec §1.5): the flat `dual_ar` file of OpenAudio S1-mini and of
+fish-speech-1.5, and the nested `fish_qwen3_omni` file of Fish Audio S2-Pro. All become one
+frozen `DualARConfig`. The two `dual_ar` families share the file format but not its reading:
+fish-speech-1.5 (tag v1.5.1 semantics, spec §2.8) derives head_dim from dim / n_head whatever
+the file says, and has no q/k norm and no codebook-embedding scaling.
 """
 from __future__ import annotations
 
@@ -10,7 +13,11 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-Family = Literal["s1-mini", "s2-pro"]
+Family = Literal["s1-mini", "s2-pro", "fish-speech-1.5"]
+FAMILIES: tuple[str, ...] = ("s1-mini", "s2-pro", "fish-speech-1.5")
+# The Firefly VQGAN file that marks a fish-speech-1.5 directory (spec §1.4).
+FIREFLY_CODEC_FILE = "firefly-gan-vq-fsq-8x1024-21hz-generator.pth"
+FIREFLY_CODEC_GLOB = "firefly-gan-vq*.pth"
 
 
 class ConfigError(ValueError):
@@ -108,6 +115,36 @@ def _from_dual_ar(raw: dict[str, Any]) -> DualARConfig:
     return DualARConfig(family="s1-mini", **kwargs)
 
 
+# What tag v1.5.1 reads from a dual_ar config.json (its argument dataclass); the rest is fixed.
+_V15_FIELDS = ("vocab_size", "n_layer", "n_head", "dim", "intermediate_size", "n_local_heads", "rope_base",
+               "norm_eps", "max_seq_len", "tie_word_embeddings", "attention_qkv_bias", "codebook_size",
+               "num_codebooks", "n_fast_layer", "fast_dim", "fast_n_head", "fast_n_local_heads",
+               "fast_intermediate_size", "fast_attention_qkv_bias")
+_V15_DEFAULTS = {"n_layer": 32, "n_head": 32, "dim": 4096, "rope_base": 10000.0, "norm_eps": 1e-5,
+                 "max_seq_len": 2048, "codebook_size": 160, "num_codebooks": 4, "n_fast_layer": 4}
+
+
+def _from_dual_ar_v15(raw: dict[str, Any]) -> DualARConfig:
+    """fish-speech-1.5 (spec §2.8): head_dim = dim / n_head and fast_head_dim = fast_dim /
+    fast_n_head whatever the file says; no q/k norm, no output bias, no embedding scaling; the
+    fast model reads the pre-norm hidden state."""
+    if raw.get("share_codebook_embeddings", True) is not True:
+        raise ConfigError("share_codebook_embeddings=false (codes carrying their own offsets) is not supported; "
+                          "no published fish-speech-1.5 checkpoint uses it")
+    if "vocab_size" not in raw:
+        raise ConfigError("config.json lacks vocab_size")
+    kwargs: dict[str, Any] = {**_V15_DEFAULTS, **{k: raw[k] for k in _V15_FIELDS if raw.get(k) is not None}}
+    dim, n_head = int(kwargs["dim"]), int(kwargs["n_head"])
+    fast_dim = int(kwargs.get("fast_dim") or dim)
+    fast_n_head = int(kwargs.get("fast_n_head") or n_head)
+    if n_head <= 0 or fast_n_head <= 0 or dim % n_head or fast_dim % fast_n_head:
+        raise ConfigError("dim must be a multiple of n_head (slow and fast) in a fish-speech-1.5 config")
+    return DualARConfig(family="fish-speech-1.5", head_dim=dim // n_head, fast_head_dim=fast_dim // fast_n_head,
+                        attention_o_bias=False, attention_qk_norm=False, fast_attention_o_bias=False,
+                        fast_attention_qk_norm=False, scale_codebook_embeddings=False,
+                        norm_fastlayer_input=False, **kwargs)
+
+
 def _from_fish_qwen3_omni(raw: dict[str, Any]) -> DualARConfig:
     text = raw.get("text_config")
     audio = raw.get("audio_decoder_config")
@@ -144,17 +181,19 @@ def _from_fish_qwen3_omni(raw: dict[str, Any]) -> DualARConfig:
     )
 
 
-def parse_config(raw: dict[str, Any]) -> DualARConfig:
+def parse_config(raw: dict[str, Any], family: str | None = None) -> DualARConfig:
+    """`family` picks the reading of a `dual_ar` file ("s1-mini", the default, or
+    "fish-speech-1.5"); `load_config` tells it from the checkpoint directory."""
     model_type = raw.get("model_type")
     try:
         if model_type == "dual_ar":
-            return _from_dual_ar(raw)
+            return _from_dual_ar_v15(raw) if family == "fish-speech-1.5" else _from_dual_ar(raw)
         if model_type == "fish_qwen3_omni":
             return _from_fish_qwen3_omni(raw)
     except TypeError as exc:  # wrong value types reach the dataclass
         raise ConfigError(f"config.json has invalid values: {exc}") from exc
     raise ConfigError(
-        f"unsupported model_type {model_type!r} in config.json; expected 'dual_ar' (OpenAudio S1-mini) "
+        f"unsupported model_type {model_type!r} in config.json; expected 'dual_ar' (OpenAudio S1-mini, fish-speech-1.5) "
         "or 'fish_qwen3_omni' (Fish Audio S2-Pro)"
     )
 
@@ -169,4 +208,14 @@ def load_config(checkpoint_dir: str | Path) -> DualARConfig:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a JSON object")
-    return parse_config(raw)
+    return parse_config(raw, dual_ar_family(Path(checkpoint_dir), raw))
+
+
+def dual_ar_family(directory: Path, raw: dict[str, Any]) -> str:
+    """Which family a `dual_ar` directory holds: the codec file decides (Firefly VQGAN = 1.5,
+    codec.pth = S1-mini); without either, a config with no q/k-norm field is 1.5's."""
+    if any(directory.glob(FIREFLY_CODEC_GLOB)):
+        return "fish-speech-1.5"
+    if (directory / "codec.pth").is_file():
+        return "s1-mini"
+    return "s1-mini" if "attention_qk_norm" in raw else "fish-speech-1.5"

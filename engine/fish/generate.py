@@ -24,7 +24,9 @@ class FirstStepDump:
     """Debug tensors for localising a mismatch against upstream."""
 
     slow_logits: Tensor | None = None  # full vocabulary, before the constraint bias
-    fast_logits: Tensor | None = None  # codebook 1, full codebook_size, given the chosen c0
+    # (num_codebooks - 1, codebook_size): codebooks 1..K-1 of the first frame, given the chosen
+    # c0, each step fed the greedy pick of the one before (whatever the sampling settings)
+    fast_logits: Tensor | None = None
 
 
 class PrefixCache:
@@ -263,6 +265,10 @@ def _step_many(runner: DualARRunner, gens: list[FrameGenerator]) -> list[Tensor 
     # Fast transformer along the codebooks, batched over the sequences that go on.
     rows = torch.tensor(keep, device=runner.device)
     x = model.to_fast_input(hidden[rows], normed[rows])
+    for j, row in enumerate(keep):
+        g = gens[order[row]]
+        if g.dump is not None and g.dump.fast_logits is None:
+            g.dump.fast_logits = _greedy_fast_logits(model, x[j:j + 1], tokens[j] - c.semantic_begin_id)
     fast_caches = model.new_fast_caches(len(keep))
     model.forward_fast(x, fast_caches, 0)  # position 0 only fills the caches
     going = [stepping[row] for row in keep]
@@ -271,9 +277,6 @@ def _step_many(runner: DualARRunner, gens: list[FrameGenerator]) -> list[Tensor 
     for k in range(1, c.num_codebooks):
         out = model.forward_fast(model.fast_embeddings(codes[-1]).unsqueeze(1), fast_caches, k)
         logits = (out[:, -1] @ runner.fast_head.T).float()
-        for j, g in enumerate(going):
-            if k == 1 and g.dump is not None and g.dump.fast_logits is None:
-                g.dump.fast_logits = (out[j, -1] @ model.fast_output.weight.T).float().cpu()
         codes.append(_sample(going, logits, k + 1))
     frames = torch.stack([token_ids] + codes, dim=1)  # (B, K + 1): [token, c0..c_{K-1}] per row
     for j, row in enumerate(keep):
@@ -301,6 +304,21 @@ def _noise(g: FrameGenerator, size: int, device: torch.device) -> Tensor:
     if g.sampling.greedy:  # a greedy row ignores its noise: leave its generator untouched
         return torch.ones(size, device=device)
     return exponential_noise((size,), g.generator, device)
+
+
+def _greedy_fast_logits(model: DualARTransformer, x: Tensor, c0: int) -> Tensor:
+    """Full-width fast logits of codebooks 1..K-1 for one frame, feeding back each argmax (the
+    fidelity dump: comparable with upstream's greedy run whatever this request samples)."""
+    c = model.config
+    caches = model.new_fast_caches(1)
+    model.forward_fast(x, caches, 0)
+    prev, rows = min(max(c0, 0), c.codebook_size - 1), []
+    for k in range(1, c.num_codebooks):
+        out = model.forward_fast(model.fast_embeddings(torch.tensor([prev], device=x.device)).unsqueeze(1), caches, k)
+        logits = (out[0, -1] @ model.fast_output.weight.T).float()
+        rows.append(logits.cpu())
+        prev = int(torch.argmax(logits))
+    return torch.stack(rows)
 
 
 def _prefill(runner: DualARRunner, g: FrameGenerator) -> tuple[Tensor, Tensor]:

@@ -1,4 +1,8 @@
-"""Load everything a checkpoint directory holds: config, tokenizer, Dual-AR weights, codec."""
+"""Load everything a checkpoint directory holds: config, tokenizer, Dual-AR weights, codec.
+
+The codec follows the family: S1-mini and S2-Pro ship the modded DAC (`codec.pth`),
+fish-speech-1.5 the Firefly VQGAN (`firefly-gan-vq-fsq-8x1024-21hz-generator.pth`). Both have
+the same public surface (`engine.fish.audio_codec.AudioCodec`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,9 +12,11 @@ from pathlib import Path
 
 import torch
 
+from engine.fish.audio_codec import AudioCodec
 from engine.fish.checkpoint import CheckpointError, resolve_checkpoint
-from engine.fish.codec import Codec, load_codec
+from engine.fish.codec import load_codec
 from engine.fish.config import DualARConfig, load_config
+from engine.fish.firefly import FireflyCodec, find_firefly_file, load_firefly
 from engine.fish.dual_ar import DualARTransformer
 from engine.fish.generate import DualARRunner
 from engine.fish.dual_ar_loader import load_dual_ar
@@ -53,7 +59,7 @@ class FishModels:
     tokenizer: FishTokenizer
     model: DualARTransformer
     runner: DualARRunner
-    codec: Codec
+    codec: AudioCodec
     device: torch.device
     dtype: torch.dtype
 
@@ -62,12 +68,18 @@ class FishModels:
         return self.config.family
 
 
-def load_codec_only(checkpoint: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None) -> Codec:
+def load_codec_only(checkpoint: str | Path, device: str | None = None,
+                    dtype: str | torch.dtype | None = None) -> AudioCodec:
+    """The directory's codec: the Firefly generator file if there is one, else codec.pth."""
     directory = resolve_checkpoint(checkpoint)
     dev = pick_device(device)
+    firefly = find_firefly_file(directory)
+    if firefly is not None:
+        return load_firefly(firefly, device=dev, dtype=pick_dtype(dtype, dev))
     path = directory / "codec.pth"
     if not path.is_file():
-        raise CheckpointError(f"{path} not found: the checkpoint directory must hold the codec weights")
+        raise CheckpointError(f"{path} not found: the checkpoint directory must hold the codec weights "
+                              "(codec.pth, or firefly-gan-vq-fsq-8x1024-21hz-generator.pth for fish-speech-1.5)")
     return load_codec(path, device=dev, dtype=pick_dtype(dtype, dev))
 
 
@@ -79,15 +91,18 @@ def load_models(checkpoint: str | Path, device: str | None = None, dtype: str | 
     directory = resolve_checkpoint(checkpoint)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    tokenizer = FishTokenizer.from_dir(directory)
+    config = load_config(directory)
+    tokenizer = FishTokenizer.from_dir(directory, family=config.family)
     # The tokenizer is authoritative for the semantic range (spec §1.5).
-    config = load_config(directory).with_semantic_ids(tokenizer.semantic_begin_id, tokenizer.semantic_end_id)
+    config = config.with_semantic_ids(tokenizer.semantic_begin_id, tokenizer.semantic_end_id)
     if tokenizer.semantic_end_id >= config.vocab_size or tokenizer.im_end_id >= config.vocab_size:
         raise CheckpointError(f"tokenizer ids exceed the model vocabulary of {config.vocab_size}")
     if tokenizer.semantic_end_id - tokenizer.semantic_begin_id + 1 < config.codebook_size:
         raise CheckpointError("the tokenizer has fewer semantic tokens than the first codebook has entries")
     model = load_dual_ar(directory, config, dev, dt)
     codec = load_codec_only(directory, str(dev), dtype=torch.float32 if dev.type == "cpu" else dt)
+    if (config.family == "fish-speech-1.5") != isinstance(codec, FireflyCodec):
+        raise CheckpointError(f"{directory} holds a {config.family} model but a {type(codec).__name__} codec")
     if codec.num_codebooks != config.num_codebooks:
         raise CheckpointError(f"codec has {codec.num_codebooks} codebooks but the model predicts {config.num_codebooks}")
     runner = DualARRunner(model, tokenizer.im_end_id, fast_vocab=min(codec.codebook_sizes[1:]))

@@ -1,4 +1,4 @@
-"""Tiny random checkpoints in exactly the published layouts (spec §1.2–1.3).
+"""Tiny random checkpoints in exactly the published layouts (spec §1.2–1.4).
 
 Same model classes, small dimensions, random weights; tokenizer files and codec.pth included.
 The real loader reads them back, which is how tests and CI exercise the whole engine without
@@ -18,6 +18,10 @@ from engine.fish.dual_ar_loader import init_random_weights
 
 TINY_CODEBOOK_SIZE = 64
 TINY_NUM_CODEBOOKS = 10
+# fish-speech-1.5 keeps its published code space: 8 codebooks, 1024-entry heads (the Firefly
+# codec's FSQ uses 1000 of them) and 1024 semantic tokens in the tokenizer.
+V15_CODEBOOK_SIZE = 1024
+V15_NUM_CODEBOOKS = 8
 
 
 def _tiny_s1_config(vocab_size: int) -> dict[str, Any]:
@@ -54,6 +58,20 @@ def _tiny_s2_config(vocab_size: int, ids: dict[str, int]) -> dict[str, Any]:
     }
 
 
+def _tiny_v15_config(vocab_size: int) -> dict[str, Any]:
+    """Every field tag v1.5.1 writes to config.json (its argument dataclass, sorted)."""
+    return {
+        "attention_qkv_bias": False, "codebook_size": V15_CODEBOOK_SIZE, "dim": 64, "dropout": 0.0,
+        "fast_attention_qkv_bias": False, "fast_dim": 64, "fast_head_dim": 16, "fast_intermediate_size": 128,
+        "fast_n_head": 4, "fast_n_local_heads": 2, "head_dim": 16, "initializer_range": 0.02,
+        "intermediate_size": 128, "is_reward_model": False, "max_seq_len": 1024, "model_type": "dual_ar",
+        "n_fast_layer": 2, "n_head": 4, "n_layer": 2, "n_local_heads": 2, "norm_eps": 1e-6,
+        "num_codebooks": V15_NUM_CODEBOOKS, "rope_base": 1000000.0, "scale_codebook_embeddings": False,
+        "share_codebook_embeddings": True, "tie_word_embeddings": False, "use_gradient_checkpointing": True,
+        "vocab_size": vocab_size,
+    }
+
+
 def _published_s2_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Internal names -> the S2-Pro safetensors names (inverse of the loader's remap)."""
     out = {}
@@ -84,30 +102,48 @@ def _save_s2_shards(state: dict[str, torch.Tensor], out: Path) -> None:
 
 
 def make_tiny_checkpoint(out_dir: str | Path, family: Family = "s1-mini", seed: int = 0) -> Path:
-    """Write a tiny random checkpoint for `family` ("s1-mini" or "s2-pro") into out_dir."""
+    """Write a tiny random checkpoint for `family` ("s1-mini", "s2-pro" or "fish-speech-1.5")
+    into out_dir, in that family's published file names."""
     from engine.fish.codec import write_tiny_codec
+    from engine.fish.config import FAMILIES, FIREFLY_CODEC_FILE
+    from engine.fish.firefly import write_tiny_firefly
     from engine.fish.tiny_tokenizer import write_tiny_tokenizer
 
-    if family not in ("s1-mini", "s2-pro"):
-        raise ValueError(f"unknown family {family!r}; expected 's1-mini' or 's2-pro'")
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
+    v15 = family == "fish-speech-1.5"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ids = write_tiny_tokenizer(out, family, TINY_CODEBOOK_SIZE)
+    ids = write_tiny_tokenizer(out, family, V15_CODEBOOK_SIZE if v15 else TINY_CODEBOOK_SIZE)
     vocab_size = -(-int(ids["vocab_size"]) // 8) * 8  # published vocabularies leave unused rows too
-    raw = _tiny_s1_config(vocab_size) if family == "s1-mini" else _tiny_s2_config(vocab_size, ids)
+    raw = {"s1-mini": lambda: _tiny_s1_config(vocab_size), "s2-pro": lambda: _tiny_s2_config(vocab_size, ids),
+           "fish-speech-1.5": lambda: _tiny_v15_config(vocab_size)}[family]()
     (out / "config.json").write_text(json.dumps(raw, indent=2))
 
-    config = parse_config(raw).with_semantic_ids(ids["semantic_begin_id"], ids["semantic_end_id"])
+    config = parse_config(raw, family).with_semantic_ids(ids["semantic_begin_id"], ids["semantic_end_id"])
     model = init_random_weights(DualARTransformer(config), seed, std=0.5)
     with torch.no_grad():
         # Random weights would emit <|im_end|> at unpredictable points; a small head row keeps
         # tiny models speaking until max_new_tokens, so tests decide utterance lengths.
         model.head_weight()[ids["im_end_id"]] *= 0.05
+        if v15:
+            # v1.5.1 samples over the whole vocabulary and all 1024 fast entries, we over the
+            # semantic tokens and the codec's 1000 codes (spec §4.3). A trained model puts no
+            # mass outside those; quiet rows make this random one behave the same, so greedy
+            # codes compare like for like with upstream.
+            head = model.head_weight()
+            semantic = torch.zeros(head.shape[0], dtype=torch.bool)
+            semantic[ids["semantic_begin_id"]:ids["semantic_end_id"] + 1] = True
+            head[~semantic] *= 0.05
+            model.fast_output.weight[1000:] *= 0.05
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if family == "s1-mini":
-        torch.save(state, out / "model.pth")
-    else:
+    if family == "s2-pro":
         _save_s2_shards(_published_s2_names(state), out)
-    write_tiny_codec(out / "codec.pth", seed=seed, num_codebooks=TINY_NUM_CODEBOOKS,
-                     semantic_codebook_size=TINY_CODEBOOK_SIZE, residual_codebook_size=TINY_CODEBOOK_SIZE)
+    else:
+        torch.save(state, out / "model.pth")
+    if v15:
+        write_tiny_firefly(out / FIREFLY_CODEC_FILE, seed=seed)
+    else:
+        write_tiny_codec(out / "codec.pth", seed=seed, num_codebooks=TINY_NUM_CODEBOOKS,
+                         semantic_codebook_size=TINY_CODEBOOK_SIZE, residual_codebook_size=TINY_CODEBOOK_SIZE)
     return out

@@ -1,8 +1,9 @@
 """Tiny tokenizers in exactly the published file layouts, for tiny random checkpoints.
 
 A byte-level BPE is trained with the `tokenizers` library on a small built-in English text and
-written as `tokenizer.tiktoken` + `special_tokens.json` (S1-mini layout) or as `tokenizer.json`
-+ `tokenizer_config.json` (S2-Pro layout), with the families' special tokens in their order.
+written as `tokenizer.tiktoken` + `special_tokens.json` (S1-mini and fish-speech-1.5 layouts) or
+as `tokenizer.json` + `tokenizer_config.json` (S2-Pro layout), with the families' special tokens
+in their order.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import base64
 import json
 from pathlib import Path
 
-from engine.fish.tokenizer import S1_SPECIAL_TOKENS, SEMANTIC_TEMPLATE
+from engine.fish.tokenizer import S1_SPECIAL_TOKENS, SEMANTIC_TEMPLATE, V15_SPECIAL_TOKENS
 
 CORPUS = """\
 Hello, how are you today? I am fine, thank you. What is the capital of France? The capital of
@@ -54,7 +55,7 @@ def _unicode_to_byte() -> dict[str, int]:
     return {chr(c): b for b, c in zip(visible, chars)}
 
 
-def _write_s1(out: Path, num_semantic: int) -> dict[str, int]:
+def _write_tiktoken_ranks(out: Path) -> int:
     # tiktoken ranks: merge order = rank, which matches BPE merge priority.
     from engine.fish.tokenizer import FISH_TIKTOKEN_PATTERN
 
@@ -63,6 +64,25 @@ def _write_s1(out: Path, num_semantic: int) -> dict[str, int]:
     vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
     lines = [f"{base64.b64encode(bytes(table[ch] for ch in piece)).decode()} {rank}" for piece, rank in vocab]
     (out / "tokenizer.tiktoken").write_text("\n".join(lines) + "\n")
+    return len(vocab)
+
+
+def _write_v15(out: Path, num_semantic: int) -> dict[str, int]:
+    """v1.5.1 reads only tokenizer.tiktoken and numbers its built-in list after the ranks; the
+    published directory still carries a special_tokens.json, written here the same way."""
+    if num_semantic != 1024:
+        raise ValueError("the fish-speech-1.5 tokenizer has exactly 1024 semantic tokens")
+    n = _write_tiktoken_ranks(out)
+    specials = {name: n + i for i, name in enumerate(V15_SPECIAL_TOKENS)}
+    (out / "special_tokens.json").write_text(json.dumps(specials, indent=2))
+    return {"vocab_size": n + len(specials), "semantic_begin_id": specials[SEMANTIC_TEMPLATE.format(0)],
+            "semantic_end_id": specials[SEMANTIC_TEMPLATE.format(1023)], "im_end_id": specials["<|im_end|>"],
+            "pad_id": specials["<|pad|>"]}
+
+
+def _write_s1(out: Path, num_semantic: int) -> dict[str, int]:
+    n = _write_tiktoken_ranks(out)
+    vocab = range(n)
     names = S1_SPECIAL_TOKENS[:15] + [SEMANTIC_TEMPLATE.format(i) for i in range(num_semantic)]
     specials = {name: len(vocab) + i for i, name in enumerate(names)}
     (out / "special_tokens.json").write_text(json.dumps(specials, indent=2))
@@ -95,4 +115,6 @@ def write_tiny_tokenizer(out_dir: str | Path, family: str, num_semantic_tokens: 
         return _write_s1(out, num_semantic_tokens)
     if family == "s2-pro":
         return _write_s2(out, num_semantic_tokens)
+    if family == "fish-speech-1.5":
+        return _write_v15(out, num_semantic_tokens)
     raise ValueError(f"unknown family {family!r}")

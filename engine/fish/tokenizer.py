@@ -2,6 +2,7 @@
 
 * tiktoken (OpenAudio S1-mini, fish-speech 1.5): `tokenizer.tiktoken` (base64 token + rank per
   line) plus `special_tokens.json`, whose names get consecutive ids after the ranks, in file order.
+  fish-speech-1.5 (tag v1.5.1) ignores that file and always uses its own built-in list.
 * Hugging Face `tokenizer.json` (Fish Audio S2-Pro): byte-level BPE with added special tokens.
 
 Template strings of our own prompt builder may contain special tokens; user text may not (it is
@@ -42,6 +43,14 @@ S1_SPECIAL_TOKENS = [
     *[SEMANTIC_TEMPLATE.format(i) for i in range(4096)],
 ]
 
+# The tag v1.5.1 built-in list (fish-speech-1.5), always used for that family (spec §1.7).
+V15_SPECIAL_TOKENS = [
+    "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|im_start|>", IM_END,
+    *[f"<|placeholder:{i}|>" for i in range(4)],
+    "<|text|>", "<|voice|>", "<|interleave|>",
+    *[SEMANTIC_TEMPLATE.format(i) for i in range(1024)],
+]
+
 
 class TokenizerError(ValueError):
     """Tokenizer files are missing or malformed."""
@@ -53,8 +62,12 @@ class FishTokenizer:
     special_ids: dict[str, int]
 
     @staticmethod
-    def from_dir(path: str | Path) -> FishTokenizer:
+    def from_dir(path: str | Path, family: str | None = None) -> FishTokenizer:
         d = Path(path)
+        if family == "fish-speech-1.5":
+            if not (d / "tokenizer.tiktoken").is_file():
+                raise TokenizerError(f"no tokenizer.tiktoken in {d}: a fish-speech-1.5 checkpoint ships one")
+            return TiktokenTokenizer(d, builtin_specials=V15_SPECIAL_TOKENS)
         if (d / "tokenizer.tiktoken").is_file():
             return TiktokenTokenizer(d)
         if (d / "tokenizer.json").is_file():
@@ -125,11 +138,15 @@ class FishTokenizer:
 
 
 class TiktokenTokenizer(FishTokenizer):
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, builtin_specials: list[str] | None = None) -> None:
+        """`builtin_specials` replaces special_tokens.json (fish-speech-1.5 ignores that file)."""
         import tiktoken
 
         ranks = self._read_ranks(directory / "tokenizer.tiktoken")
-        names = self._read_special_names(directory / "special_tokens.json")
+        if builtin_specials is not None:
+            names = list(builtin_specials)
+        else:
+            names = self._read_special_names(directory / "special_tokens.json")
         self.special_ids = {name: len(ranks) + i for i, name in enumerate(names)}
         self._encoding = tiktoken.Encoding(name=directory.name or "fish", pat_str=FISH_TIKTOKEN_PATTERN,
                                            mergeable_ranks=ranks, special_tokens=self.special_ids)

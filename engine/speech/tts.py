@@ -201,7 +201,7 @@ class TTSEngine:
         history: list[tuple[str, np.ndarray]] = []
         for index, text in enumerate(chunks):
             prompt = build_prompt(m.tokenizer, m.family, text, references=references, history=history,
-                                  num_codebooks=m.config.num_codebooks)
+                                  num_codebooks=m.config.num_codebooks, max_length=m.config.max_seq_len)
             gen = m.runner.start(torch.as_tensor(prompt), request.sampling, request.sampling.max_new_tokens)
             frames: list[torch.Tensor] = []
             pending: list[torch.Tensor] = []

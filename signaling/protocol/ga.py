@@ -92,9 +92,11 @@ class _Call:
 class RealtimeEvents:
     def __init__(self, events: ServerEvents, *, transport: Transport, session_id: str,
                  output_format: AudioFormat | None = None,
-                 observe_latency: Callable[[Mapping[str, float]], None] | None = None) -> None:
+                 observe_latency: Callable[[Mapping[str, float]], None] | None = None,
+                 response_metadata: dict[str, dict[str, Any]] | None = None) -> None:
         self.events = events
         self.observe_latency = observe_latency
+        self.response_metadata = response_metadata if response_metadata is not None else {}
         self.transport = transport
         self.session_id = session_id
         self.output_format = output_format or AudioFormat()
@@ -102,6 +104,10 @@ class RealtimeEvents:
         self._calls: dict[str, list[_Call]] = {}  # response id -> its function_call output items
         self._last_item: str | None = None
         self._user_items: dict[str, str] = {}  # item id -> "audio" for user turns announced at commit
+
+    def note_item(self, item_id: str) -> None:
+        """A client-created item is now the conversation's last: the next item follows it."""
+        self._last_item = item_id
 
     # ------------------------------------------------------------------ events
     def conversation_event(self, event: conv.ConversationEvent) -> list[dict[str, Any]]:
@@ -181,6 +187,8 @@ class RealtimeEvents:
         base["response"].update({"object": "realtime.response", "status_details": None, "output": [],
                                  "conversation_id": self.session_id,
                                  "output_modalities": ["audio"] if event.audio else ["text"], "usage": None})
+        if event.response_id in self.response_metadata:
+            base["response"]["metadata"] = self.response_metadata[event.response_id]
         return [base] + ([] if event.tools else self._announce_message(event, out))
 
     def _next_index(self, response_id: str) -> int:
@@ -306,6 +314,8 @@ class RealtimeEvents:
             "usage": {"total_tokens": text_tokens + audio_tokens, "input_tokens": 0,
                       "output_tokens": text_tokens + audio_tokens,
                       "output_token_details": {"text_tokens": text_tokens, "audio_tokens": audio_tokens}}})
+        if event.response_id in self.response_metadata:
+            base["response"]["metadata"] = self.response_metadata.pop(event.response_id)
         events.append(base)
         events.append(self._build("rate_limits.updated", event, {"rate_limits": []}))
         return events

@@ -80,6 +80,29 @@ def _listing(keys: list[str]) -> str:
     return shown + (f" … and {len(keys) - _LIST_LIMIT} more" if len(keys) > _LIST_LIMIT else "")
 
 
+def load_checked(module: torch.nn.Module, state: Mapping[str, Tensor], what: str) -> None:
+    """Load `state` into `module` (built on `meta`) strictly, in float32, then fold weight norm.
+    Raises CodecCheckpointError naming any missing, unexpected or mis-shaped keys."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_listing(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_listing(unexpected)}")
+        raise CodecCheckpointError(f"{what} weights do not match the architecture their shapes describe; "
+                                   + "; ".join(parts))
+    wrong = [f"{k} {list(state[k].shape)} (expected {list(v.shape)})" for k, v in expected.items()
+             if state[k].shape != v.shape]
+    if wrong:
+        raise CodecCheckpointError(f"{what} weights have inconsistent shapes: {_listing(wrong)}")
+    module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
+    module.requires_grad_(False).eval()
+    module.fold_weight_norm()  # in float32, before any cast
+
+
 def load_codec(source: str | os.PathLike[str] | Mapping[str, Tensor], device: str | torch.device | None = None,
                dtype: torch.dtype | None = None, **config_overrides) -> Codec:
     """Build the codec a `codec.pth` (path or state dict) describes and load it strictly.
@@ -95,21 +118,5 @@ def load_codec(source: str | os.PathLike[str] | Mapping[str, Tensor], device: st
         codec = Codec(config)
     expected = codec.state_dict()
     state = _respell_weight_norm(_drop_stale_buffers(state, codec), expected)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_listing(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_listing(unexpected)}")
-        raise CodecCheckpointError("codec weights do not match the architecture their shapes describe; "
-                                   + "; ".join(parts))
-    wrong = [f"{k} {list(state[k].shape)} (expected {list(v.shape)})" for k, v in expected.items()
-             if state[k].shape != v.shape]
-    if wrong:
-        raise CodecCheckpointError(f"codec weights have inconsistent shapes: {_listing(wrong)}")
-    codec.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
-    codec.requires_grad_(False).eval()
-    codec.fold_weight_norm()  # in float32, before any cast
+    load_checked(codec, state, "codec")
     return codec.to(device=device or "cpu", dtype=dtype or torch.float32)

@@ -12,13 +12,14 @@ import torch
 from torch import Tensor
 
 from engine.fish.codec.layers import StreamState
-from engine.fish.codec.model import Codec
+from engine.fish.audio_codec import AudioCodec
 
 
 class StreamingDecoder:
-    """One per utterance (or per request, to keep chunk boundaries seamless)."""
+    """One per utterance (or per request, to keep chunk boundaries seamless). Works for any
+    `AudioCodec` whose decode layers take a `StreamState` (the modded DAC and the Firefly VQGAN)."""
 
-    def __init__(self, codec: Codec) -> None:
+    def __init__(self, codec: AudioCodec) -> None:
         self.codec = codec
         self.reset()
 
