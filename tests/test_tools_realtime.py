@@ -10,7 +10,7 @@ import json
 import pytest
 
 from engine.agent.tools import argument_problem, parse_tools
-from test_realtime_ws import TTS_FRAMES, client_for, events_until, models, server  # noqa: F401 - fixtures
+from test_realtime_ws import TTS_FRAMES, client_for, events_until, server  # noqa: F401 - fixtures (models: conftest)
 
 WEATHER = {"type": "function", "name": "get_weather", "description": "The current weather in a city.",
            "parameters": {"type": "object", "properties": {

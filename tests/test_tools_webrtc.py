@@ -11,7 +11,7 @@ import pytest
 
 import speechkit
 from rtc_client import RealtimeClient
-from test_webrtc import TTS_FRAMES, loopback_ice, models, server, speech  # noqa: F401 - fixtures
+from test_webrtc import TTS_FRAMES, loopback_ice, server, speech  # noqa: F401 - fixtures (models: conftest)
 
 pytestmark = pytest.mark.skipif(not speechkit.espeak_available(), reason="espeak-ng/sox not installed")
 
