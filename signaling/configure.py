@@ -11,6 +11,7 @@ from typing import Any
 
 from engine.agent.conversation import DEFAULT_INSTRUCTIONS, ConversationSession, TurnDetection
 from engine.agent.llm.base import ChatOptions
+from engine.agent.tools import AUTO, ToolConfigError
 from signaling.errors import CallError
 from signaling.host import RealtimeConfig, RealtimeModels
 from signaling.options import OptionsError, SessionOptions, resolve_voice, sampling_options
@@ -45,8 +46,9 @@ async def build_conversation(services: RealtimeModels, config: RealtimeConfig,
             tts=tts, asr=asr, llm=llm, vad_model=vad, mode=mode, voice=voice,  # type: ignore[arg-type]
             instructions=options.instructions or config.instructions or DEFAULT_INSTRUCTIONS,
             turn_detection=turn, sampling=sampling_options(config.sampling, options.sampling),
-            chat=_chat_options(base_chat, options))
-    except OptionsError as exc:
+            chat=_chat_options(base_chat, options), tools=options.tools or (),
+            tool_choice=options.tool_choice or AUTO)
+    except (OptionsError, ToolConfigError) as exc:
         raise CallError(400, "invalid_value", str(exc), param=exc.param) from None
     except ValueError as exc:
         raise CallError(400, "invalid_value", str(exc)) from None
@@ -68,4 +70,4 @@ async def apply_options(conv: ConversationSession, options: SessionOptions, serv
     chat = _chat_options(conv.chat, options)
     conv.update(mode=options.mode, voice=voice, instructions=options.instructions,
                 turn_detection=options.turn_detection, sampling=sampling,
-                chat=chat if chat is not conv.chat else None)
+                chat=chat if chat is not conv.chat else None, tools=options.tools, tool_choice=options.tool_choice)

@@ -19,6 +19,7 @@ from signaling.configure import apply_options
 from signaling.host import RealtimeModels
 from signaling.options import OPUS, OptionsError, SessionOptions, describe, from_session, resolve_voice, \
     sampling_options
+from engine.agent.tools import ToolConfigError, parse_tool_choice, parse_tools
 from signaling.protocol.ga import item_object
 
 log = logging.getLogger(__name__)
@@ -57,9 +58,11 @@ class RealtimeControl:
         conv = self.conversation
         formats = ({"input_format": self.input_format.describe(), "output_format": self.output_format.describe()}
                    if self.audio_formats else {"input_format": OPUS, "output_format": OPUS})
-        return describe(conv.mode, self.voice_id, conv.instructions, conv.turn_detection, conv.sampling,
-                        session_id=self.session_id, model=self.model, voice=self.voice_echo,
-                        output_modalities=self.output_modalities, **formats)
+        session = describe(conv.mode, self.voice_id, conv.instructions, conv.turn_detection, conv.sampling,
+                           session_id=self.session_id, model=self.model, voice=self.voice_echo,
+                           output_modalities=self.output_modalities, **formats)
+        session.update(tools=[tool.wire() for tool in conv.tools], tool_choice=conv.tool_choice.wire())
+        return session
 
     def now(self) -> float:
         return time.monotonic()
@@ -78,7 +81,7 @@ class RealtimeControl:
             return
         try:
             await self.dispatch(event)
-        except OptionsError as exc:
+        except (OptionsError, ToolConfigError) as exc:
             self.error("invalid_value", str(exc), param=exc.param, event_id=event.event_id)
         except LookupError as exc:
             # OpenAI's codes name the verb (item_retrieve_invalid_item_id, ...); Pipecat keys on them
@@ -124,6 +127,9 @@ class RealtimeControl:
     # ------------------------------------------------------------------ items
     async def _on_ConversationItemCreate(self, event: ev.ConversationItemCreate) -> None:
         conv = self.conversation
+        if event.item.type == "function_call_output":
+            await self._function_call_output(event)
+            return
         text = event.item.text()
         if not text:
             raise ValueError("conversation.item.create needs a message with text (input_text, or a transcript)")
@@ -139,6 +145,23 @@ class RealtimeControl:
                                     t=self.now()))
         if self.on_item_added is not None:
             self.on_item_added(item_id)
+
+    async def _function_call_output(self, event: ev.ConversationItemCreate) -> None:
+        """The client's result of a tool call; the next response.create answers with it."""
+        conv, spec = self.conversation, event.item
+        if spec.call_id is None or spec.output is None:
+            raise OptionsError("item.call_id" if spec.call_id is None else "item.output",
+                               "a function_call_output item needs call_id and output")
+        previous = conv.items()[-1].id if conv.items() else None
+        try:
+            item = conv.add_function_output(spec.call_id, spec.output, item_id=spec.id)
+        except LookupError:
+            self.error("invalid_value", f"no function call with call_id {spec.call_id!r} in this conversation",
+                       param="item.call_id", event_id=event.event_id)
+            return
+        wire = item_object(item)
+        for type_ in ("conversation.item.added", "conversation.item.done"):
+            self.send(self.events.build(type_, {"previous_item_id": previous, "item": wire}, t=self.now()))
 
     async def _on_ConversationItemRetrieve(self, event: ev.ConversationItemRetrieve) -> None:
         item = self.conversation.get_item(event.item_id)
@@ -171,8 +194,14 @@ class RealtimeControl:
         if metadata is not None and not isinstance(metadata, dict):
             raise OptionsError("response.metadata", "must be an object")
         voice = await resolve_voice(self.services, str(voice_value)) if voice_value else None
-        response_id = await self.conversation.create_response(instructions=instructions,
-                                                              text_only="audio" not in modalities, voice=voice)
+        try:
+            tools = parse_tools(params["tools"]) if params.get("tools") is not None else None
+            choice = parse_tool_choice(params["tool_choice"], None) if params.get("tool_choice") is not None else None
+            response_id = await self.conversation.create_response(
+                instructions=instructions, text_only="audio" not in modalities, voice=voice, tools=tools,
+                tool_choice=choice)
+        except ToolConfigError as exc:
+            raise OptionsError(f"response.{exc.param}", str(exc).split(": ", 1)[-1]) from None
         if metadata and response_id:
             self.response_metadata[response_id] = metadata
 

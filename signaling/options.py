@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from engine.agent.conversation import TurnDetection
+from engine.agent.tools import Tool, ToolChoice, ToolConfigError, parse_tool_choice, parse_tools
 from engine.speech.types import Reference, SamplingOptions
 from signaling.audio_formats import AudioFormat
 
@@ -64,12 +65,14 @@ class SessionOptions:
     output_format: AudioFormat | None = None  # WebSocket sessions: the audio deltas it gets
     output_modalities: tuple[str, ...] | None = None  # ("audio",) or ("text",)
     model: str | None = None  # any name; reported back, the loaded checkpoint answers
+    tools: tuple[Tool, ...] | None = None  # function tools (schemas checked)
+    tool_choice: ToolChoice | None = None  # a named choice is checked against the tools when applied
 
     def merged(self, later: SessionOptions) -> SessionOptions:
         """These options, overridden by `later` wherever it sets something."""
         out = dataclasses.replace(self, sampling={**self.sampling, **later.sampling})
         for field in ("mode", "voice_id", "instructions", "max_output_tokens", "llm_temperature", "voice_echo",
-                      "input_format", "output_format", "output_modalities", "model"):
+                      "input_format", "output_format", "output_modalities", "model", "tools", "tool_choice"):
             if getattr(later, field) is not None:
                 setattr(out, field, getattr(later, field))
         if later.turn_detection != KEEP:
@@ -187,6 +190,13 @@ def from_session(session: Mapping[str, Any], current: TurnDetection | None = Non
             raise OptionsError("max_output_tokens", "must be >= 1")
     if session.get("temperature") is not None:
         out.llm_temperature = _coerce("temperature", session["temperature"], float)
+    try:
+        if session.get("tools") is not None:
+            out.tools = parse_tools(session["tools"])
+        if session.get("tool_choice") is not None:
+            out.tool_choice = parse_tool_choice(session["tool_choice"], None)
+    except ToolConfigError as exc:
+        raise OptionsError(exc.param, str(exc).split(": ", 1)[-1]) from None
     return out
 
 

@@ -97,7 +97,13 @@ class LlamaServer:
             self._log = None
 
 
-Behaviour = Literal["relay", "http_500", "hang", "drop_mid_stream", "garbage"]
+Behaviour = Literal["relay", "http_500", "hang", "drop_mid_stream", "garbage", "broken_tool_call",
+                    "broken_tool_call_once"]
+# A tool call whose arguments are cut off mid-JSON, as a backend that stops early sends it.
+BROKEN_TOOL_CALL = (b'data: {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_x", '
+                    b'"type": "function", "function": {"name": "get_weather", "arguments": "{\\"city\\": "}}]}}]}\n\n'
+                    b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}\n\n'
+                    b'data: [DONE]\n\n')
 
 
 class FaultyEndpoint:
@@ -138,6 +144,9 @@ class FaultyEndpoint:
         await response.prepare(request)
         if self.behaviour == "garbage":
             await response.write(b"data: {not json\n\n")
+            return response
+        if self.behaviour == "broken_tool_call" or (self.behaviour == "broken_tool_call_once" and self.requests == 1):
+            await response.write(BROKEN_TOOL_CALL)
             return response
         if self.behaviour == "drop_mid_stream":
             chunk = b'data: {"choices": [{"index": 0, "delta": {"content": "Hello"}}]}\n\n'

@@ -39,6 +39,7 @@ APP_DIR = HERE / "agents_js"
 SDK_BUNDLE = APP_DIR / "node_modules" / "@openai" / "agents-realtime" / "dist" / "bundle"
 SENTENCE = "What is the capital of France?"
 TYPED = "Please say hello."
+WEATHER_QUESTION = "What is the weather in Paris?"
 API_KEY = "agents-js-test-key"
 AUDIBLE_FRAMES = 10  # 20 ms analyser ticks above the page's RMS threshold
 # Our server's own session fields, passed by the page as the SDK's `providerData`: the random tiny
@@ -150,6 +151,27 @@ def test_agents_sdk_websocket_session_in_the_browser(agents_report):
     assert agents_report["ws_sessions_after_close"] == 0
 
 
+@pytest.mark.e2e
+def test_agents_sdk_runs_a_tool_in_the_page_and_speaks_its_result(agents_report):
+    """The SDK's own tool loop: our function_call events -> the page's tool() execute -> the
+    function_call_output and response.create it sends -> a reply that uses the result."""
+    page = agents_report["tool_page"]
+    assert page["phase"] == "connected" and not page["errors"] and not page["serverErrors"], page
+    assert page["toolCalls"] and page["toolCalls"][0], page["toolCalls"]
+    calls = [i for i in page["history"] if i["type"] == "function_call"]
+    assert calls[0]["name"] == "get_weather" and "21" in (calls[0]["output"] or ""), calls
+    kinds = page["serverEvents"]
+    for expected in ("response.output_item.added", "response.function_call_arguments.delta",
+                     "response.function_call_arguments.done", "response.output_item.done", "response.done"):
+        assert expected in kinds, (expected, kinds)
+    # The SDK sent the output itself (its response.create goes out beside the page's sendEvent hook).
+    assert page["clientEvents"].count("conversation.item.create") == 2, page["clientEvents"]  # question, output
+    assert kinds.count("response.done") >= 2  # the call, then the reply that uses its output
+    reply = _messages(page["history"], "assistant")[-1]
+    assert "21" in reply or "sunny" in reply.lower(), page["history"]
+    assert page["audioBytes"] / 2 / 24_000 > 0.3, page["audioBytes"]
+
+
 # ---------------------------------------------------------------------------- the harness side
 async def _start_server(workdir: Path):
     """The product's server (`server.app.create_app`) with a key set, plus the test page's routes."""
@@ -166,6 +188,10 @@ async def _start_server(workdir: Path):
     app.router.add_get("/agents-test/", lambda _: web.FileResponse(APP_DIR / "index.html"))
     app.router.add_get("/agents-test/client.js", lambda _: web.FileResponse(APP_DIR / "client.js"))
     app.router.add_static("/agents-test/sdk/", SDK_BUNDLE)
+    from server import scopes
+
+    for path in ("/agents-test/", "/agents-test/client.js", "/agents-test/sdk"):
+        scopes.ROUTES[path] = scopes.PUBLIC  # the test page, public like the product's own page (unlisted fails closed)
     runner = web.AppRunner(app)
     await runner.setup()  # loads the models
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -221,6 +247,22 @@ async def _websocket_scenario(runner, base_url: str, page, report: dict) -> None
     while registry.active and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     report["ws_sessions_after_close"] = registry.active
+    await _tool_scenario(runner, base_url, page, report)
+
+
+async def _tool_scenario(runner, base_url: str, page, report: dict) -> None:
+    """A tool() in the page, forced for the first reply: the SDK runs it and the agent answers with it."""
+    state = "window.agentsTest.state"
+    forced = {**FOR_THE_TINY_MODELS, "tool_choice": {"type": "function", "name": "get_weather"}}
+    await page.open(f"{base_url}/agents-test/?" + urllib.parse.urlencode({
+        "key": API_KEY, "transport": "websocket", "tools": "1", "provider_data": json.dumps(forced)}))
+    await page.until(f"{state}.phase === 'connected' || {state}.phase === 'error'", 20)
+    await page.run(page.driver.execute_script, f"window.agentsTest.sendText({json.dumps(WEATHER_QUESTION)});")
+    await page.until(f"{state}.toolCalls.length >= 1 && {state}.history.some((i, n) => i.role === 'assistant' &&"
+                     f" i.status === 'completed' && i.content.some(c => c.text) &&"
+                     f" {state}.history.slice(0, n).some(j => j.type === 'function_call'))", 60)
+    report["tool_page"] = await page.run(page.driver.execute_script, f"return {state};")
+    await page.run(page.driver.execute_script, "window.agentsTest.close();")
 
 
 def _page(driver):

@@ -45,15 +45,16 @@ class ReplyDone:
     text: str  # the whole reply text
 
 
-ReplyItem = TextDelta | SentenceAudio | SentenceSpoken | ReplyDone
+ReplyItem = TextDelta | SentenceAudio | SentenceSpoken | ReplyDone  # plus the source's non-text items
 
 
 class ReplyError(RuntimeError):
     """A stage of the reply failed. `stage` says which, for a precise error event."""
 
-    def __init__(self, stage: Literal["llm", "tts"], message: str) -> None:
+    def __init__(self, stage: Literal["llm", "tts"], message: str, code: str | None = None) -> None:
         super().__init__(message)
         self.stage = stage
+        self.code = code or f"{stage}_failed"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,9 +70,10 @@ async def one_shot(text: str) -> AsyncIterator[str]:
     yield text
 
 
-async def spoken_reply(text_stream: AsyncIterator[str], tts: SpeechSynthesizer | None,
+async def spoken_reply(text_stream: AsyncIterator[object], tts: SpeechSynthesizer | None,
                        speech: TTSRequest, *, max_sentence_chars: int = 250) -> AsyncIterator[ReplyItem]:
     """Interleaved TextDelta / SentenceAudio / SentenceSpoken items, then one ReplyDone.
+    Items of `text_stream` that are not text (tool calls) are passed through in their place.
 
     `speech` is the TTS request template (voice, sampling, ...); its text is replaced per
     sentence. Without `tts`, only text items come back. Closing this iterator stops both the
@@ -86,6 +88,9 @@ async def spoken_reply(text_stream: AsyncIterator[str], tts: SpeechSynthesizer |
         try:
             async with contextlib.aclosing(text_stream) as deltas:  # type: ignore[type-var]
                 async for delta in deltas:
+                    if not isinstance(delta, str):  # a tool call (or other typed item): passed on in order
+                        out.put_nowait(delta)
+                        continue
                     parts.append(delta)
                     out.put_nowait(TextDelta(delta))
                     for sentence in splitter.feed(delta):

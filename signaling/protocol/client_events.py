@@ -42,9 +42,11 @@ class ConversationItem(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     id: str | None = Field(None, pattern=ITEM_ID)  # the client may choose it (Pipecat sends 32 hex digits)
-    type: Literal["message"] = "message"
+    type: Literal["message", "function_call_output"] = "message"
     role: Literal["user", "system", "assistant", "developer"] = "user"
     content: list[ContentPart] = Field(default_factory=list, max_length=16)
+    call_id: str | None = Field(None, max_length=200)  # function_call_output: the call it answers
+    output: str | None = Field(None, max_length=MAX_CLIENT_MESSAGE_BYTES)  # function_call_output: its result
 
     def text(self) -> str:
         return " ".join((p.text or p.transcript or "").strip() for p in self.content).strip()

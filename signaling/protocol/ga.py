@@ -21,7 +21,7 @@ import numpy as np
 from engine.agent.conversation import events as conv
 from engine.agent.conversation.history import HistoryItem
 from signaling.audio_formats import AudioFormat, OutputEncoder
-from signaling.protocol.server_events import ServerEvents, wire_payload
+from signaling.protocol.server_events import ServerEvents, function_call_item, wire_payload
 
 Transport = Literal["webrtc", "websocket"]
 _EMPTY = np.zeros(0, np.float32)
@@ -32,6 +32,11 @@ FRAMES_PER_SECOND = 44_100 / 2048  # codec frames (audio tokens) per second of s
 
 def item_object(item: HistoryItem, *, status: str = "completed") -> dict[str, Any]:
     """A history item in the GA `realtime.item` shape."""
+    if item.type == "function_call":
+        return function_call_item(item.id, item.call_id or "", item.name or "", item.text, status)
+    if item.type == "function_call_output":
+        return {"id": item.id, "object": "realtime.item", "type": "function_call_output", "status": status,
+                "call_id": item.call_id, "output": item.text}
     if item.role == "assistant":
         part = ({"type": "output_audio", "transcript": item.text} if item.source == "audio"
                 else {"type": "output_text", "text": item.text})
@@ -56,6 +61,8 @@ class _Output:
     audio_done: bool = False
     cleared: bool = False  # barge-in or cancel: what is still in the encoder is dropped
     encoder: OutputEncoder | None = None
+    index: int = 0  # its output_index in the response
+    announced: bool = True  # False: a response that may call tools, before its first text
 
     def part(self) -> dict[str, Any]:
         return {"type": "audio", "transcript": self.text} if self.audio else {"type": "text", "text": self.text}
@@ -65,6 +72,21 @@ class _Output:
                    else {"type": "output_text", "text": self.text}]
         return {"id": self.item_id, "object": "realtime.item", "type": "message", "status": status,
                 "role": "assistant", "content": content if (self.text or status != "in_progress") else []}
+
+
+@dataclasses.dataclass
+class _Call:
+    """A function_call output item of a response."""
+
+    item_id: str
+    call_id: str
+    name: str
+    index: int
+    arguments: str = ""
+    done: bool = False
+
+    def item(self, status: str) -> dict[str, Any]:
+        return function_call_item(self.item_id, self.call_id, self.name, self.arguments, status)
 
 
 class RealtimeEvents:
@@ -78,7 +100,8 @@ class RealtimeEvents:
         self.transport = transport
         self.session_id = session_id
         self.output_format = output_format or AudioFormat()
-        self._outputs: dict[str, _Output] = {}  # response id -> its output item
+        self._outputs: dict[str, _Output] = {}  # response id -> its message output item
+        self._calls: dict[str, list[_Call]] = {}  # response id -> its function_call output items
         self._last_item: str | None = None
         self._user_items: dict[str, str] = {}  # item id -> "audio" for user turns announced at commit
 
@@ -113,13 +136,19 @@ class RealtimeEvents:
                 return self._response_created(event, base)
             case conv.ResponseTextDelta():
                 out = self._outputs.get(event.response_id)
+                announce: list[dict[str, Any]] = []
                 if out is not None:
+                    announce = self._announce_message(event, out)
                     out.text += event.delta
                     out.text_deltas += 1
-                    base.update(output_index=0, content_index=0)
+                    base.update(output_index=out.index, content_index=0)
                     if not out.audio:
                         base["type"] = "response.output_text.delta"
-                return [base]
+                return announce + [base]
+            case conv.FunctionCallStarted():
+                return self._call_started(event, base)
+            case conv.FunctionCallDone():
+                return self._call_done(event, base)
             case conv.ResponseTextDone():
                 return self._text_done(event, base)
             case conv.ResponseTruncated():
@@ -150,34 +179,74 @@ class RealtimeEvents:
         return added
 
     def _response_created(self, event: conv.ResponseCreated, base: dict[str, Any]) -> list[dict[str, Any]]:
-        out = _Output(event.item_id, event.audio)
+        # A response that may call tools opens its message item with its first text, so a reply
+        # that only calls a tool has just the function_call item, as peers send it.
+        out = _Output(event.item_id, event.audio, announced=False)
         self._outputs[event.response_id] = out
+        self._calls[event.response_id] = []
         base["response"].update({"object": "realtime.response", "status_details": None, "output": [],
                                  "conversation_id": self.session_id,
                                  "output_modalities": ["audio"] if event.audio else ["text"], "usage": None})
         if event.response_id in self.response_metadata:
             base["response"]["metadata"] = self.response_metadata[event.response_id]
+        return [base] + ([] if event.tools else self._announce_message(event, out))
+
+    def _next_index(self, response_id: str) -> int:
+        out = self._outputs.get(response_id)
+        return len(self._calls.get(response_id, ())) + (1 if out is not None and out.announced else 0)
+
+    def _announce_message(self, event: conv.ConversationEvent, out: _Output) -> list[dict[str, Any]]:
+        if out.announced:
+            return []
+        response_id = getattr(event, "response_id")
+        out.index = self._next_index(response_id)
+        out.announced = True
         item = out.item("in_progress")
-        ids = {"response_id": event.response_id, "output_index": 0}
-        events = [base,
-                  self._build("response.output_item.added", event, {**ids, "item": item}),
+        ids = {"response_id": response_id, "output_index": out.index}
+        events = [self._build("response.output_item.added", event, {**ids, "item": item}),
                   self._build("conversation.item.added", event, {"previous_item_id": self._last_item, "item": item}),
                   self._build("response.content_part.added", event,
                               {**ids, "item_id": out.item_id, "content_index": 0, "part": out.part()})]
         self._last_item = out.item_id
         return events
 
+    def _call_started(self, event: conv.FunctionCallStarted, base: dict[str, Any]) -> list[dict[str, Any]]:
+        calls = self._calls.setdefault(event.response_id, [])
+        call = _Call(event.item_id, event.call_id, event.name, self._next_index(event.response_id))
+        calls.append(call)
+        base["output_index"] = call.index
+        added = self._build("conversation.item.added", event,
+                            {"previous_item_id": self._last_item, "item": call.item("in_progress")})
+        self._last_item = call.item_id
+        return [base, added]
+
+    def _call_done(self, event: conv.FunctionCallDone, base: dict[str, Any]) -> list[dict[str, Any]]:
+        call = next((c for c in self._calls.get(event.response_id, ()) if c.item_id == event.item_id), None)
+        if call is None:  # not announced (cannot happen with the engine's order): announce it now
+            started = conv.FunctionCallStarted(response_id=event.response_id, item_id=event.item_id,
+                                               call_id=event.call_id, name=event.name, t=event.t)
+            return self._call_started(started, self.events.from_conversation(started)) +                 self._call_done(event, base)
+        call.arguments, call.done = event.arguments, True
+        ids = {"item_id": call.item_id, "output_index": call.index, "call_id": call.call_id}
+        deltas = [self._build("response.function_call_arguments.delta", event, {**ids, "delta": delta})
+                  for delta in event.deltas]
+        base.update(output_index=call.index)
+        item = call.item("completed")
+        return deltas + [base,
+                         self._build("response.output_item.done", event, {"output_index": call.index, "item": item}),
+                         self._build("conversation.item.done", event, {"previous_item_id": None, "item": item})]
+
     def _audio_deltas(self, response_id: str, out: _Output, data: bytes) -> list[dict[str, Any]]:
         out.audio_bytes += len(data)
         now = time.monotonic()
         return [self.events.build("response.output_audio.delta", {
-            "item_id": out.item_id, "output_index": 0, "content_index": 0,
+            "item_id": out.item_id, "output_index": out.index, "content_index": 0,
             "delta": base64.b64encode(data[i:i + MAX_AUDIO_DELTA_BYTES]).decode("ascii")},
             response_id=response_id, t=now) for i in range(0, len(data), MAX_AUDIO_DELTA_BYTES)]
 
     def _finish_audio(self, event: conv.ConversationEvent, response_id: str, out: _Output) -> list[dict[str, Any]]:
         """WebSocket: the encoder's tail, then response.output_audio.done (once)."""
-        if self.transport != "websocket" or not out.audio or out.audio_done:
+        if self.transport != "websocket" or not out.audio or out.audio_done or not out.announced:
             return []
         out.audio_done = True
         events: list[dict[str, Any]] = []
@@ -185,19 +254,19 @@ class RealtimeEvents:
             events = self._audio_deltas(response_id, out, out.encoder.encode(_EMPTY, final=True))
         out.encoder = None
         return events + [self._build("response.output_audio.done", event,
-                                     {"item_id": out.item_id, "output_index": 0, "content_index": 0})]
+                                     {"item_id": out.item_id, "output_index": out.index, "content_index": 0})]
 
     def _close_output(self, event: conv.ConversationEvent, response_id: str, out: _Output,
                       status: str) -> list[dict[str, Any]]:
         """The audio, content part, output item and conversation item of a response end."""
-        if out.part_done:
+        if out.part_done or not out.announced:
             return []
         out.part_done = True
-        ids = {"item_id": out.item_id, "output_index": 0, "content_index": 0}
+        ids = {"item_id": out.item_id, "output_index": out.index, "content_index": 0}
         events = self._finish_audio(event, response_id, out)
         events.append(self._build("response.content_part.done", event, {**ids, "part": out.part()}))
         item = out.item(status)
-        events.append(self._build("response.output_item.done", event, {"output_index": 0, "item": item}))
+        events.append(self._build("response.output_item.done", event, {"output_index": out.index, "item": item}))
         events.append(self._build("conversation.item.done", event, {"item": item}))
         return events
 
@@ -205,8 +274,13 @@ class RealtimeEvents:
         out = self._outputs.get(event.response_id)
         if out is None:
             return [base]
+        if not out.announced:
+            if not event.transcript:
+                return []  # a reply that only called tools: there is no message to finish
+            events = self._announce_message(event, out)
+            return events + self._text_done(event, base)
         out.text = event.transcript
-        base.update(output_index=0, content_index=0)
+        base.update(output_index=out.index, content_index=0)
         if not out.audio:
             base["type"] = "response.output_text.done"
             base["text"] = event.transcript
@@ -216,17 +290,26 @@ class RealtimeEvents:
         if self.observe_latency is not None and event.status == "completed":
             self.observe_latency(base.get("latency_ms", {}))
         out = self._outputs.pop(event.response_id, None)
+        calls = self._calls.pop(event.response_id, [])
         events: list[dict[str, Any]] = []
         status = {"completed": "completed", "cancelled": "incomplete", "failed": "incomplete"}.get(event.status,
                                                                                                  "incomplete")
-        output: list[dict[str, Any]] = []
-        if out is not None:
+        output: list[tuple[int, dict[str, Any]]] = []
+        if out is not None and out.announced:
             events += self._close_output(event, event.response_id, out, status)
-            output = [out.item(status)]
+            output.append((out.index, out.item(status)))
+        for call in calls:
+            if not call.done:  # cut off (barge-in, cancel, failure) before its arguments were complete
+                item = call.item("incomplete")
+                events.append(self._build("response.output_item.done", event,
+                                          {"output_index": call.index, "item": item}))
+                events.append(self._build("conversation.item.done", event, {"previous_item_id": None, "item": item}))
+            output.append((call.index, call.item("completed" if call.done else "incomplete")))
         audio_tokens = round(event.audio_seconds * FRAMES_PER_SECOND)
         text_tokens = out.text_deltas if out is not None else 0
         base["response"].update({
-            "object": "realtime.response", "output": output, "conversation_id": self.session_id,
+            "object": "realtime.response", "output": [item for _, item in sorted(output, key=lambda o: o[0])],
+            "conversation_id": self.session_id,
             "output_modalities": ["audio"] if out is None or out.audio else ["text"],
             "usage": {"total_tokens": text_tokens + audio_tokens, "input_tokens": 0,
                       "output_tokens": text_tokens + audio_tokens,

@@ -71,6 +71,11 @@ def _done(event: conv.ResponseDone) -> dict[str, Any]:
             "latency_ms": _latency(event.latency), "t": _times(event.times)}
 
 
+def function_call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
+    return {"id": item_id, "object": "realtime.item", "type": "function_call", "status": status,
+            "call_id": call_id, "name": name, "arguments": arguments}
+
+
 def wire_payload(event: conv.ConversationEvent) -> tuple[str, dict[str, Any]]:
     """(type, fields) of the server event for a conversation event."""
     match event:
@@ -94,6 +99,12 @@ def wire_payload(event: conv.ConversationEvent) -> tuple[str, dict[str, Any]]:
         case conv.ResponseTextDone():
             return "response.output_audio_transcript.done", {"item_id": event.item_id,
                                                              "transcript": event.transcript}
+        case conv.FunctionCallStarted():
+            return "response.output_item.added", {"item": function_call_item(
+                event.item_id, event.call_id, event.name, "", "in_progress")}
+        case conv.FunctionCallDone():
+            return "response.function_call_arguments.done", {"item_id": event.item_id, "call_id": event.call_id,
+                                                             "name": event.name, "arguments": event.arguments}
         case conv.ResponseAudioStarted():
             return "output_audio_buffer.started", {"latency_ms": _latency(event.latency)}
         case conv.ResponseAudioStopped():

@@ -1,7 +1,7 @@
 // The SDK's own RealtimeSession over its OpenAIRealtimeWebRTC transport (or, with
 // ?transport=websocket, OpenAIRealtimeWebSocket); the only change from a page written for OpenAI
 // is the URL (and `useInsecureApiKey`, since our server takes its plain key).
-const { RealtimeAgent, RealtimeSession, OpenAIRealtimeWebRTC, OpenAIRealtimeWebSocket } = window.OpenAIAgentsRealtime;
+const { RealtimeAgent, RealtimeSession, OpenAIRealtimeWebRTC, OpenAIRealtimeWebSocket, tool } = window.OpenAIAgentsRealtime;
 const AUDIBLE_RMS = 0.01;
 
 const state = {
@@ -15,6 +15,7 @@ const state = {
   audibleFrames: 0,      // 20 ms analyser ticks above AUDIBLE_RMS
   audibleAfterText: 0,   // the same, counted after the typed message was sent
   callId: null,
+  toolCalls: [],         // ?tools=1: the cities the page's get_weather tool was called with
   audioBytes: 0,         // WebSocket transport: reply audio received in `audio` events (PCM16)
   closed: false,
 };
@@ -22,7 +23,8 @@ window.agentsTest = { state };
 
 function summarise(item) {
   const content = (item.content || []).map((c) => ({ type: c.type, text: c.text ?? c.transcript ?? null }));
-  return { itemId: item.itemId, type: item.type, role: item.role, status: item.status, content };
+  return { itemId: item.itemId, type: item.type, role: item.role, status: item.status, content,
+    name: item.name ?? null, arguments: item.arguments ?? null, output: item.output ?? null };
 }
 
 function hear(stream) {
@@ -50,9 +52,25 @@ function hear(stream) {
 
 async function main() {
   const params = new URLSearchParams(location.search);
+  // ?tools=1: a tool() whose execute runs here, in the page; the SDK's own loop calls it.
+  const tools = params.get("tools") ? [tool({
+    name: "get_weather",
+    description: "The current weather in a city.",
+    parameters: { type: "object", properties: { city: { type: "string" } }, required: ["city"],
+      additionalProperties: false },
+    strict: true,
+    execute: async ({ city }) => {
+      state.toolCalls.push(city);
+      // The session forced this tool for the question; the reply after it may answer freely.
+      window.agentsTest.session.transport.sendEvent({ type: "session.update",
+        session: { type: "realtime", tool_choice: "auto" } });
+      return "Sunny, 21 degrees celsius.";
+    },
+  })] : [];
   const agent = new RealtimeAgent({
     name: "Assistant",
     instructions: "You are a helpful assistant. Answer in one short sentence.",
+    tools,
   });
   const transport = params.get("transport") === "websocket"
     // WebSocket: the SDK authenticates with the `openai-insecure-api-key.KEY` subprotocol, and

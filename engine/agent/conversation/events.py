@@ -90,6 +90,7 @@ class ResponseCreated(ConversationEvent):
     item_id: str
     kind: ResponseKind
     audio: bool = True  # False: a text-only response
+    tools: bool = False  # it may call tools (its message item then starts with its first text)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -104,6 +105,29 @@ class ResponseTextDone(ConversationEvent):
     response_id: str
     item_id: str
     transcript: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FunctionCallStarted(ConversationEvent):
+    """The model began a call of tool `name`; its arguments follow once they validate."""
+
+    response_id: str
+    item_id: str
+    call_id: str
+    name: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FunctionCallDone(ConversationEvent):
+    """A call's arguments, checked against the tool's schema: `deltas` as the model wrote them,
+    `arguments` whole. The call is now an item of the conversation, awaiting its output."""
+
+    response_id: str
+    item_id: str
+    call_id: str
+    name: str
+    arguments: str
+    deltas: tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

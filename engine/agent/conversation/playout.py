@@ -44,6 +44,9 @@ class Response:
     t_first_audio: float | None = None
     status: ResponseStatus = "in_progress"
     stopped: bool = False  # audio stopped/cleared already announced
+    tools: bool = False  # it may call tools
+    call_items: dict[int, str] = dataclasses.field(default_factory=dict)  # call index -> its item id
+    calls: list[tuple[str, str, str, str]] = dataclasses.field(default_factory=list)  # (item, call id, name, args)
 
     @property
     def audio_seconds(self) -> float:

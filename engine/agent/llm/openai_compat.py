@@ -2,16 +2,20 @@
 
 Works with vLLM, Ollama, llama.cpp's server, LM Studio and hosted APIs. `base_url` is given the
 way OpenAI clients take it, e.g. "http://localhost:11434/v1"; "/chat/completions" is appended.
+Tools and `tool_choice` pass through in the Chat Completions shape; streamed `tool_calls` deltas
+come back as `ToolCallDelta`s.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import aiohttp
 
 from engine.agent.llm.base import LLMError, Message, validate_messages
+from engine.agent.tools import Tool, ToolCallDelta, ToolChoice
 
 
 class OpenAICompatLLM:
@@ -37,10 +41,15 @@ class OpenAICompatLLM:
             self._session = aiohttp.ClientSession(timeout=timeout)
         return self._session
 
-    async def stream_chat(self, messages: Sequence[Message], *, max_tokens: int = 200,
-                          temperature: float = 0.7) -> AsyncIterator[str]:
-        body = {"model": self.model, "messages": validate_messages(messages), "stream": True,
-                "max_tokens": max_tokens, "temperature": temperature}
+    async def stream_chat(self, messages: Sequence[Message], *, max_tokens: int = 200, temperature: float = 0.7,
+                          tools: Sequence[Tool] = (), tool_choice: ToolChoice | None = None,
+                          ) -> AsyncIterator[str | ToolCallDelta]:
+        body: dict[str, Any] = {"model": self.model, "messages": validate_messages(messages), "stream": True,
+                                "max_tokens": max_tokens, "temperature": temperature}
+        if tools and (tool_choice is None or tool_choice.mode != "none"):
+            body["tools"] = [tool.chat_completions() for tool in tools]
+            if tool_choice is not None:
+                body["tool_choice"] = tool_choice.chat_completions()
         headers = {"Accept": "text/event-stream"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
@@ -70,8 +79,8 @@ class OpenAICompatLLM:
             self._session = None
 
 
-async def _sse_deltas(resp: aiohttp.ClientResponse) -> AsyncIterator[str]:
-    """Content deltas from an OpenAI chat-completions event stream."""
+async def _sse_deltas(resp: aiohttp.ClientResponse) -> AsyncIterator[str | ToolCallDelta]:
+    """Content and tool-call deltas from an OpenAI chat-completions event stream."""
     finished = False  # some servers end with a finish_reason but no [DONE]
     async for raw in resp.content:
         line = raw.decode("utf-8", "replace").strip()
@@ -87,9 +96,13 @@ async def _sse_deltas(resp: aiohttp.ClientResponse) -> AsyncIterator[str]:
         if event.get("error"):
             raise LLMError(f"LLM endpoint reported an error: {event['error']}")
         for choice in event.get("choices") or ():
-            delta = (choice.get("delta") or {}).get("content")
-            if delta:
-                yield delta
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                yield delta["content"]
+            for call in delta.get("tool_calls") or ():
+                function = call.get("function") or {}
+                yield ToolCallDelta(index=int(call.get("index", 0)), name=function.get("name") or None,
+                                    call_id=call.get("id") or None, arguments=function.get("arguments") or "")
             finished = finished or bool(choice.get("finish_reason"))
     if not finished:
         raise LLMError("LLM endpoint closed the stream before [DONE]")
