@@ -126,17 +126,22 @@ class RealtimeSocket:
                 return
 
     async def _pump_outputs(self) -> None:
-        async for item in self.conversation.outputs():
-            if isinstance(item, AudioOut):
-                events = self.realtime.audio(item)
-            elif isinstance(item, AudioClear):
-                continue  # over a WebSocket the client holds the audio; the response events say what stopped
-            elif isinstance(item, ConversationEvent):
-                events = self.realtime.conversation_event(item)
-            else:
-                continue
-            for event in events:
-                self.send(event)
+        try:
+            async for item in self.conversation.outputs():
+                if isinstance(item, AudioOut):
+                    events = self.realtime.audio(item)
+                elif isinstance(item, AudioClear):
+                    continue  # over a WebSocket the client holds the audio; the response events say what stopped
+                elif isinstance(item, ConversationEvent):
+                    events = self.realtime.conversation_event(item)
+                else:
+                    continue
+                for event in events:
+                    self.send(event)
+        except Exception as exc:  # noqa: BLE001 - a bug here must end the session loudly, not hang it
+            log.exception("realtime session %s: the event pump failed", self.id)
+            self.control.error("internal_error", f"internal error: {exc}", type_="server_error")
+            await self.close("internal_error")
 
     # ------------------------------------------------------------------ in
     async def _append(self, event: ev.InputAudioBufferAppend) -> None:
