@@ -21,7 +21,6 @@ the route's error shape that names it, never with aiohttp's HTML page or a stack
 from __future__ import annotations
 
 import dataclasses
-import hmac
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable

@@ -30,7 +30,7 @@ from signaling.configure import build_conversation
 from signaling.datachannel import EventChannel
 from signaling.dispatch import RealtimeControl
 from signaling.errors import CallError
-from signaling.host import CallLimits, RealtimeConfig, RealtimeModels
+from signaling.host import RealtimeConfig, RealtimeModels
 from signaling.ice import ice_configuration
 from signaling.offers import check_offer
 from signaling.options import SessionOptions

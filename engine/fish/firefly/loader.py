@@ -16,7 +16,6 @@ import torch
 from torch import Tensor
 
 from engine.fish.codec.config import WN_NEW
-from engine.fish.codec.errors import CodecCheckpointError
 from engine.fish.codec.loader import _respell_weight_norm, load_checked, read_state_dict
 from engine.fish.firefly.config import FireflyConfig
 from engine.fish.firefly.model import FireflyCodec
