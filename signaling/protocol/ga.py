@@ -21,7 +21,7 @@ import numpy as np
 from engine.agent.conversation import events as conv
 from engine.agent.conversation.history import HistoryItem
 from signaling.audio_formats import AudioFormat, OutputEncoder
-from signaling.protocol.server_events import ServerEvents, function_call_item, wire_payload
+from signaling.protocol.server_events import ServerEvents, function_call_item
 
 Transport = Literal["webrtc", "websocket"]
 _EMPTY = np.zeros(0, np.float32)
