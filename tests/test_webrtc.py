@@ -172,8 +172,14 @@ async def test_barge_in_clears_queued_audio_at_once(server, connect):
     created = await client.wait_for("response.created")
     rid = created["response_id"]
     await client.wait_for("output_audio_buffer.started", timeout=20)
-    # Let the reply play for a moment, with plenty still queued.
+    # Let the reply play for a moment, with plenty still queued (a busy CPU makes the TTS run less far
+    # ahead of playback, so wait for the queue rather than for a fixed time).
     await asyncio.sleep(1.0)
+    for _ in range(100):
+        if call.outbound.queued_seconds > 2.5:
+            break
+        await asyncio.sleep(0.1)
+    assert call.outbound.queued_seconds > 2.5, "the TTS never got 2.5 s ahead of playback"
     assert client.sink.first_audible() is not None
     client.mic.play(speech("Hello from the server.", lead=0.0, tail=0.8))
     barge = await client.wait_for("input_audio_buffer.speech_started", timeout=10)
