@@ -111,12 +111,13 @@ async def main(args: argparse.Namespace) -> None:
                 spoken.append(await spoken_turn(conn, audio, tail))
                 typed.append(await text_turn(conn))
         print(f"openai SDK over GET /v1/realtime, {args.runs} runs, silence_duration_ms={args.silence_ms}")
-        keys = ["speech_stopped", "transcript", "first_token", "first_audio", "server_transcript",
-                "server_first_token", "server_first_audio"]
-        for key in keys:
+        for key in ["speech_stopped", "transcript", "first_token", "first_audio", "server_transcript",
+                    "server_first_token", "server_first_audio"]:
             values = [m[key] for m in spoken if key in m]
+            # The client's marks count from the end of speech; the server's from its end-of-turn decision.
+            start = "server's end of turn" if key.startswith("server_") else "end of speech"
             if values:
-                print(f"  end of speech -> {key:<20} median {statistics.median(values):7.0f} ms "
+                print(f"  {start} -> {key.removeprefix('server_'):<14} median {statistics.median(values):7.0f} ms "
                       f"(min {min(values):.0f}, max {max(values):.0f})")
         print(f"  text turn: response.create -> first audio delta: median {statistics.median(typed):7.0f} ms")
     finally:
