@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from engine.fish.audio_codec import CodecBase
 from engine.fish.codec.config import CodecConfig
 from engine.fish.codec.layers import CausalConv1d, CausalConvTranspose1d, ResidualUnit, Snake1d, StreamState
 from engine.fish.codec.quantizer import DownsampleQuantizer
@@ -90,7 +91,7 @@ class Decoder(nn.Module):
         return tanh(last(snake(x), state))
 
 
-class Codec(nn.Module):
+class Codec(CodecBase, nn.Module):
     """Encoder + quantizer + decoder. `encode`/`decode` are the public entry points; streaming
     decode lives in `engine.fish.codec.streaming.StreamingDecoder`."""
 
@@ -133,25 +134,11 @@ class Codec(nn.Module):
         return self.decoder.model[0].conv.bias.dtype
 
     # --- per-call constants computed once
-    def fold_weight_norm(self) -> Codec:
-        """Compute every weight-normed weight g·v/‖v‖, Snake's 1/α and the fused VQ decode
-        tables once. Done by `load_codec` (and lazily by encode/decode); call again after
-        editing parameters in place. Loading a state dict clears them."""
-        for module in self.modules():
-            if module is not self and hasattr(module, "fold"):
-                module.fold()
-        self._folded = True
-        return self
-
     def clear_folded(self) -> None:
         for module in self.modules():
             if module is not self and hasattr(module, "clear_folded"):
                 module.clear_folded()
         self._folded = False
-
-    def _ensure_folded(self) -> None:
-        if not self._folded:
-            self.fold_weight_norm()
 
     # --- encode
     @torch.inference_mode()
@@ -197,14 +184,3 @@ class Codec(nn.Module):
         """Checked codes [B, K, T] -> audio [B, 1, T · hop_length] in the model dtype."""
         self._ensure_folded()
         return self.decoder(self.quantizer.dequantize(codes, state), state)
-
-    @torch.inference_mode()
-    def decode(self, codes: Tensor) -> Tensor:
-        """Codes [K, T] -> float32 audio [T · hop_length] (or [B, K, T] -> [B, T · hop_length])."""
-        batched = codes.dim() == 3
-        checked = self.check_codes(codes)
-        if checked.shape[-1] == 0:
-            audio = torch.zeros(checked.shape[0], 0, device=self.device)
-        else:
-            audio = self.decode_codes(checked)[:, 0].float()
-        return audio if batched else audio[0]

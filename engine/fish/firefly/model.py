@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from engine.fish.audio_codec import CodecBase
 from engine.fish.codec.layers import CausalConv1d, CausalConvTranspose1d, ConvNeXtBlock, StreamState
 from engine.fish.firefly.config import FireflyConfig
 from engine.fish.firefly.mel import LogMelSpectrogram
@@ -181,7 +182,7 @@ class HiFiGANHead(nn.Module):
         return torch.tanh(self.conv_post(F.silu(x), state))
 
 
-class FireflyCodec(nn.Module):
+class FireflyCodec(CodecBase, nn.Module):
     """Same public surface as `engine.fish.codec.Codec` (encode, decode, check_codes,
     decode_codes, sample_rate, hop_length, num_codebooks, codebook_sizes, device, dtype), so the
     TTS pipeline and `StreamingDecoder` use either codec unchanged."""
@@ -220,18 +221,6 @@ class FireflyCodec(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.head.conv_pre.conv.bias.dtype
 
-    def fold_weight_norm(self) -> FireflyCodec:
-        """Compute every weight-normed weight once (see `engine.fish.codec.layers`)."""
-        for module in self.modules():
-            if module is not self and hasattr(module, "fold"):
-                module.fold()
-        self._folded = True
-        return self
-
-    def _ensure_folded(self) -> None:
-        if not self._folded:
-            self.fold_weight_norm()
-
     @torch.inference_mode()
     def encode(self, audio: Tensor) -> Tensor:
         """44.1 kHz audio [L], [B, L] or [B, 1, L] -> codes [K, T] (or [B, K, T]) with
@@ -265,14 +254,3 @@ class FireflyCodec(nn.Module):
         """Checked codes [B, K, T] -> audio [B, 1, T · hop_length] in the model dtype."""
         self._ensure_folded()
         return self.head(self.quantizer.decode(codes, state), state)
-
-    @torch.inference_mode()
-    def decode(self, codes: Tensor) -> Tensor:
-        """Codes [K, T] -> float32 audio [T · hop_length] (or [B, K, T] -> [B, T · hop_length])."""
-        batched = codes.dim() == 3
-        checked = self.check_codes(codes)
-        if checked.shape[-1] == 0:
-            audio = torch.zeros(checked.shape[0], 0, device=self.device)
-        else:
-            audio = self.decode_codes(checked)[:, 0].float()
-        return audio if batched else audio[0]
