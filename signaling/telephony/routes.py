@@ -112,13 +112,10 @@ async def twilio_voice(request: web.Request) -> web.Response:
         if not RequestValidator(token_secret).validate(str(_public_url(request)), form, signature):
             log.warning("Twilio webhook with a bad or missing X-Twilio-Signature refused")
             return _refuse(403, "invalid X-Twilio-Signature")
-    try:
-        options = _options(request)
-    except OptionsError as exc:
-        return _refuse(400, str(exc))
-    if (busy := _not_ready(request)) is not None:
-        return busy
-    token = request.app[TOKENS].issue(form.get("CallSid"))
+    admitted = _admit(request, form.get("CallSid"))
+    if isinstance(admitted, web.Response):
+        return admitted
+    options, token = admitted
     response = VoiceResponse()
     connect = Connect()
     stream = connect.stream(url=_stream_url(request))  # Twilio allows no query string here
@@ -129,11 +126,22 @@ async def twilio_voice(request: web.Request) -> web.Response:
     return web.Response(text=str(response), content_type="application/xml")
 
 
+def _admit(request: web.Request, call_sid: str | None) -> tuple[dict[str, str], str] | web.Response:
+    """The call's session options and a single-use stream token, or why the call is refused."""
+    try:
+        options = _options(request)
+    except OptionsError as exc:
+        return _refuse(400, str(exc))
+    if (busy := _not_ready(request)) is not None:
+        return busy
+    return options, request.app[TOKENS].issue(call_sid)
+
+
 def _not_ready(request: web.Request) -> web.Response | None:
     """A call the server cannot take now is refused at the webhook (the carrier plays its error)."""
     services = request.app[MODELS]
-    if getattr(services, "asr", None) is None or getattr(services, "vad", None) is None:
-        return _refuse(503, "the speech models are still loading" if getattr(services, "loading", False)
+    if services.asr is None or services.vad is None:
+        return _refuse(503, "the speech models are still loading" if services.loading
                        else "phone calls need the ASR and VAD models, which are not loaded")
     registry = request.app[CALLS]
     if registry.active >= registry.max_calls:
@@ -150,13 +158,10 @@ async def telnyx_voice(request: web.Request) -> web.Response:
     """Telnyx TeXML: the same <Connect><Stream>, bidirectional RTP in PCMU, token in the URL."""
     if not _webhook_key_ok(request):
         return _refuse(403, "missing or wrong webhook key")
-    try:
-        options = _options(request)
-    except OptionsError as exc:
-        return _refuse(400, str(exc))
-    if (busy := _not_ready(request)) is not None:
-        return busy
-    token = request.app[TOKENS].issue(None)
+    admitted = _admit(request, None)
+    if isinstance(admitted, web.Response):
+        return admitted
+    options, token = admitted
     response = VoiceResponse()
     connect = Connect()
     connect.stream(url=_stream_url(request, {**options, TOKEN_PARAM: token}), bidirectional_mode="rtp",
@@ -169,13 +174,10 @@ async def plivo_voice(request: web.Request) -> web.Response:
     """Plivo answer XML: a bidirectional μ-law stream that keeps the call until it ends."""
     if not _webhook_key_ok(request):
         return _refuse(403, "missing or wrong webhook key")
-    try:
-        options = _options(request)
-    except OptionsError as exc:
-        return _refuse(400, str(exc))
-    if (busy := _not_ready(request)) is not None:
-        return busy
-    token = request.app[TOKENS].issue(None)
+    admitted = _admit(request, None)
+    if isinstance(admitted, web.Response):
+        return admitted
+    options, token = admitted
     root = ElementTree.Element("Response")
     stream = ElementTree.SubElement(root, "Stream", bidirectional="true", keepCallAlive="true",
                                     contentType="audio/x-mulaw;rate=8000")
