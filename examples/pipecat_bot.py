@@ -21,8 +21,8 @@ import os
 import time
 import wave
 
-from pipecat.frames.frames import (BotStoppedSpeakingFrame, EndFrame, Frame, InputAudioRawFrame, MetricsFrame,
-                                   OutputAudioRawFrame, StartFrame)
+from pipecat.frames.frames import (BotStoppedSpeakingFrame, EndFrame, Frame, InputAudioRawFrame, LLMRunFrame,
+                                   MetricsFrame, OutputAudioRawFrame, StartFrame)
 from pipecat.metrics.metrics import TTFBMetricsData
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
@@ -40,7 +40,8 @@ from pipecat.workers.runner import WorkerRunner
 
 RATE = 24_000  # the Realtime API's PCM rate, both ways
 FRAME_SECONDS = 0.02
-INSTRUCTIONS = "You are a helpful voice assistant. Answer in one short sentence."
+INSTRUCTIONS = ("You are a helpful voice assistant. Greet the user in a few words when the call starts, "
+                "then answer in one short sentence.")
 
 
 def realtime_service(url: str, api_key: str, *, voice: str = "alloy", model: str = "gpt-realtime",
@@ -152,7 +153,12 @@ async def run_file(args: argparse.Namespace) -> None:
     await runner.add_workers(worker)
 
     async def converse() -> None:
-        await asyncio.sleep(1.0)  # session.created / session.updated
+        # As Pipecat's own bots do: run the LLM once at start, so the service sets up its
+        # conversation now (not after the first server-VAD turn) and the bot greets first.
+        await worker.queue_frame(LLMRunFrame())
+        await asyncio.wait_for(speaker.stopped.wait(), args.timeout)
+        speaker.stopped.clear()
+        greeting = len(speaker.audio)
         pcm = read_pcm24k(args.wav)
         await mic.speak(pcm)
         ended = time.monotonic()
@@ -166,14 +172,14 @@ async def run_file(args: argparse.Namespace) -> None:
             w.setnchannels(1)
             w.setsampwidth(2)
             w.setframerate(RATE)
-            w.writeframes(bytes(speaker.audio))
+            w.writeframes(bytes(speaker.audio[greeting:]))
         for message in context.get_messages():
             print(f"{message.get('role')}: {message.get('content')}")
-        print(f"reply: {len(speaker.audio) / 2 / RATE:.2f} s of audio -> {args.out}")
+        print(f"reply: {(len(speaker.audio) - greeting) / 2 / RATE:.2f} s of audio -> {args.out}")
         if speaker.first_audio_at:
-            print(f"end of input -> first reply audio played: {speaker.first_audio_at[0] - ended:.2f} s")
+            print(f"end of input -> first reply audio played: {speaker.first_audio_at[-1] - ended:.2f} s")
         if speaker.ttfb:
-            print(f"Pipecat TTFB (end of speech -> first audio delta): {speaker.ttfb[0]:.2f} s")
+            print(f"Pipecat TTFB (end of speech -> first audio delta): {speaker.ttfb[-1]:.2f} s")
         await worker.queue_frame(EndFrame())
 
     await asyncio.gather(runner.run(), converse())
@@ -189,6 +195,7 @@ async def run_local(args: argparse.Namespace) -> None:
     worker = PipelineWorker(pipeline, params=PipelineParams(enable_metrics=True))
     runner = WorkerRunner()
     await runner.add_workers(worker)
+    await worker.queue_frame(LLMRunFrame())  # set the conversation up now; the bot greets first
     print("Speak; Ctrl-C ends the call.")
     await runner.run()
 

@@ -181,3 +181,37 @@ async def test_websocket_needs_the_key_and_respects_the_session_cap(server):
                 break
             await asyncio.sleep(0.1)
         assert not server.calls
+
+
+async def test_response_on_an_empty_conversation_greets_from_the_instructions(server):
+    """A bot that speaks first (Pipecat's `LLMRunFrame` at start, a phone agent's greeting): with
+    no items yet, `response.create` answers from the instructions alone, as OpenAI does; with no
+    instructions either, the response fails with a clear reason and the session goes on."""
+    async with client_for(server).realtime.connect(model="gpt-realtime") as conn:
+        await events_until(conn, "session.created", 20)
+        await conn.session.update(session={"type": "realtime", "output_modalities": ["text"],
+                                           "max_output_tokens": 30, "instructions":
+                                           "You are a friendly receptionist. Greet the caller in one sentence."})
+        await events_until(conn, "session.updated", 20)
+        await conn.response.create()
+        events = await events_until(conn, "response.done")
+        assert not [e for e in events if e.type == "error"], events
+        done = events[-1].response
+        assert done.status == "completed", done
+        text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+        assert text.strip() and done.output[0].content[0].text.strip() == text.strip()
+
+        await conn.session.update(session={"type": "realtime", "instructions": ""})
+        await events_until(conn, "session.updated", 20)
+        await conn.conversation.item.delete(item_id=done.output[0].id)
+        await events_until(conn, "conversation.item.deleted", 20)
+        await conn.response.create()
+        events = await events_until(conn, "response.done")
+        failed = events[-1].response
+        assert failed.status == "failed", failed
+        assert "no instructions" in json.dumps(failed.status_details.model_dump()), failed.status_details
+        await conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                  "content": [{"type": "input_text", "text": QUESTION}]})
+        await conn.response.create()
+        events = await events_until(conn, "response.done")
+        assert events[-1].response.status == "completed"  # the session went on

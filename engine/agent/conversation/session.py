@@ -24,7 +24,7 @@ from engine.agent.conversation.responses import Responder, tts_request
 from engine.agent.conversation.tool_calls import with_tool_calls
 from engine.agent.conversation.turns import TurnInput
 from engine.agent.llm.base import ChatOptions, build_messages
-from engine.agent.reply_stream import one_shot
+from engine.agent.reply_stream import ReplyError, one_shot
 from engine.agent.tools import AUTO, Tool, ToolChoice, check_choice
 from engine.speech.types import Reference, SamplingOptions, SpeechSynthesizer, TTSRequest
 
@@ -302,8 +302,11 @@ class ConversationSession:
 
         def reply() -> AsyncIterator[object]:
             # Built when the response's turn comes, so it sees every earlier reply as heard.
-            messages = build_messages(instructions or self.instructions, self._history.window(),
-                                      self.chat.history_window)
+            try:
+                messages = build_messages(instructions or self.instructions, self._history.window(),
+                                          self.chat.history_window)
+            except ValueError as exc:  # nothing to answer: the response fails, the session goes on
+                raise ReplyError("llm", str(exc), code="empty_conversation") from exc
 
             def stream(override: ToolChoice | None) -> AsyncIterator[object]:
                 return self._llm.stream_chat(  # type: ignore[union-attr]

@@ -72,7 +72,7 @@ def validate_messages(messages: Sequence[Message], *, allow_empty: bool = False)
             message["tool_call_id"] = m["tool_call_id"]
         out.append(message)
     if not out and not allow_empty:
-        raise ValueError("no messages to answer")
+        raise ValueError("no messages to answer: the conversation is empty and there are no instructions")
     return out
 
 
@@ -83,4 +83,6 @@ def build_messages(instructions: str, history: Sequence[Message], window: int = 
     while recent and recent[0].get("role") == "tool":
         recent.pop(0)
     msgs = [{"role": "system", "content": instructions}] if instructions.strip() else []
-    return msgs + validate_messages(recent)
+    # An empty conversation with instructions is a greeting (a bot that speaks first, as OpenAI
+    # allows); with neither there is nothing to answer.
+    return msgs + validate_messages(recent, allow_empty=bool(msgs))
