@@ -29,7 +29,7 @@ from signaling import TelephonyConfig
 from signaling.server_tools import ToolsFileError, load_server_tools
 
 ROOT = Path(__file__).resolve().parents[1]
-QUESTION = "What is the weather like in Paris today?"
+QUESTION = "How is the weather in Paris?"
 FORECAST = "Sunny, 21 degrees celsius."
 SECRET = "hook-secret-42"
 PARAMETERS = {"type": "object", "properties": {
@@ -246,7 +246,9 @@ async def test_spoken_question_runs_the_webhook_and_the_caller_hears_the_answer(
     assert kinds[:3] == [("message", "user"), ("function_call", "assistant"), ("function_call_output", "tool")], kinds
     assert json.loads(items[2].text) == {"forecast": FORECAST} and items[2].call_id == done_call.call_id
     assert kinds[3] == ("message", "assistant") and items[3].text == follow_up.transcript
+    assert "21" in follow_up.transcript, follow_up.transcript  # the reply uses the tool's output
     print("reply:", follow_up.transcript)
+    print("heard:", items[0].text)
     # The caller heard nothing before the tool answered, and reply audio after it.
     t_answered = request["t_answered"]
     assert peer.first_media(after=t_voice_end) >= t_answered
