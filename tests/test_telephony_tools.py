@@ -19,8 +19,7 @@ import pytest
 from aiohttp import web
 
 import speechkit
-from engine.agent.conversation.events import (FunctionCallDone, ResponseAudioStarted, ResponseCreated, ResponseDone,
-                                              UserSpeechStarted)
+from engine.agent.conversation.events import FunctionCallDone, ResponseCreated, ResponseDone, UserSpeechStarted
 from engine.agent.llm.base import ChatOptions
 from engine.agent.tools import argument_problem
 from phone_peer import CarrierPeer, telephone_speech, wait_until

@@ -3,10 +3,11 @@
 Carrier-neutral: a dialect (twilio, telnyx, plivo) parses and builds the messages. Four tasks
 run per call: the reader (caller audio, DTMF, marks, stop), the output pump (conversation events
 and audio out; with server tools configured it also feeds a `ToolExecutor`, which runs the model's
-tool calls, since a phone has no client to run them), the paced sender (`CarrierPlayback`) and a watchdog that ends a call whose
-carrier went quiet (carriers send a media frame every 20 ms, silence included). Malformed or
-unknown messages are logged and skipped. Closing cancels every task, stops the conversation's
-model work, closes the socket and frees the call's registry slot.
+tool calls, since a phone has no client to run them), the paced sender (`CarrierPlayback`) and a
+watchdog that ends a call whose carrier went quiet (carriers send a media frame every 20 ms,
+silence included). Malformed or unknown messages are logged and skipped. Closing cancels every
+task (the tool runs too), stops the conversation's model work, closes the socket and frees the
+call's registry slot.
 """
 from __future__ import annotations
 
