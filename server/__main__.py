@@ -33,6 +33,7 @@ def serve(argv: list[str]) -> int:
     from pydantic import ValidationError
 
     from server.app import create_app
+    from signaling.server_tools import ToolsFileError
 
     args = settings_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -42,7 +43,11 @@ def serve(argv: list[str]) -> int:
     except ValidationError as exc:
         print(f"invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except ToolsFileError as exc:
+        print(f"invalid settings: {exc}", file=sys.stderr)
+        return 2
     web.run_app(app, host=settings.host, port=settings.port,
                 print=lambda _msg: print(f"serving on http://{settings.host}:{settings.port} "
                                          f"(mode {settings.mode}, checkpoint {settings.checkpoint})", flush=True))

@@ -27,6 +27,7 @@ from server.jobs import JobManager, JobStore
 from server.services import Services, load_services
 from server.settings import Settings
 from server.voice_owners import VoiceOwners
+from signaling.server_tools import load_server_tools
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ def create_app(settings: Settings, services: Services | None = None) -> web.Appl
 
 
 def realtime_config(settings: Settings) -> signaling.RealtimeConfig:
-    """What realtime sessions read of the server's settings."""
+    """What realtime sessions read of the server's settings. A bad tools file raises
+    ToolsFileError here, at start-up, naming the file and the field."""
     default = signaling.CallLimits()
     limits = signaling.CallLimits(
         liveness_timeout=settings.rtc_liveness_timeout or default.liveness_timeout,
@@ -77,8 +79,10 @@ def realtime_config(settings: Settings) -> signaling.RealtimeConfig:
         model_name=settings.checkpoint, telephony=signaling.TelephonyConfig(
             twilio_auth_token=settings.twilio_auth_token, public_url=settings.telephony_public_url,
             webhook_key=settings.telephony_webhook_key, token_secret=settings.telephony_token_secret,
-            liveness_timeout=settings.telephony_liveness_timeout),
-        observe_latency=lambda latency_ms: metrics.observe_turn_latency(latency_ms, source="realtime"))
+            liveness_timeout=settings.telephony_liveness_timeout,
+            tools=load_server_tools(settings.telephony_tools) if settings.telephony_tools else None),
+        observe_latency=lambda latency_ms: metrics.observe_turn_latency(latency_ms, source="realtime"),
+        observe_tool_run=metrics.observe_tool_run)
 
 
 def _services_context(owned: bool):

@@ -10,6 +10,8 @@
     fishvoice_model_batch_size                      histogram: sequences per batched model step
     fishvoice_model_active_requests                 requests the model worker is serving now
     fishvoice_access_refusals_total{route, status}  requests refused with 401, 403 or 429
+    fishvoice_tool_runs_total{tool, outcome}         tool calls the server ran by webhook (phone calls):
+        ok, http_error, timeout, unreachable, too_long, cancelled
     process_* (CPU, memory, open files)
 
 Values that describe the app's state are read when /metrics is scraped, from the objects that
@@ -24,7 +26,8 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, ProcessCollector, generate_latest
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, ProcessCollector,
+                               generate_latest)
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -39,7 +42,15 @@ TURN_LATENCY = Histogram("fishvoice_turn_latency_seconds",
                          "Time from the end of the user's turn to each stage of the reply",
                          ["source", "stage"], buckets=LATENCY_BUCKETS, registry=None)
 
+TOOL_RUNS = Counter("fishvoice_tool_runs_total", "Tool calls the server ran through their webhooks",
+                    ["tool", "outcome"], registry=None)
+
 REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
+
+
+def observe_tool_run(tool: str, outcome: str, seconds: float) -> None:
+    """Count one webhook tool run by its outcome (signaling.tool_executor reports each)."""
+    TOOL_RUNS.labels(tool=tool, outcome=outcome).inc()
 
 
 def observe_turn_latency(latency_ms: Mapping[str, Any], source: str = "realtime") -> None:
@@ -118,6 +129,7 @@ def install(app: web.Application) -> None:
     registry = CollectorRegistry()
     registry.register(TURN_LATENCY)
     registry.register(REFUSALS)
+    registry.register(TOOL_RUNS)
     registry.register(AppStateCollector(app))
     ProcessCollector(registry=registry)
     app[REGISTRY] = registry

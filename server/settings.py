@@ -94,6 +94,7 @@ class Settings(BaseSettings):
     telephony_webhook_key: str | None = None  # when set, Telnyx/Plivo voice webhooks need ?key=<this>
     telephony_token_secret: str | None = None  # signs stream tokens (set it when several workers share calls)
     telephony_liveness_timeout: float = Field(5.0, gt=0)  # seconds without carrier messages -> call over
+    telephony_tools: Path | None = None  # a JSON or YAML tools file: tools the server runs by webhook on calls
 
     @field_validator("cors_origins", "ice_servers", mode="before")
     @classmethod
@@ -108,7 +109,7 @@ class Settings(BaseSettings):
 
     @field_validator("api_key", "client_secret_key", "keys_file", "llm_base_url", "llm_api_key", "llm_gguf", "device",
                      "twilio_auth_token", "telephony_public_url", "telephony_webhook_key", "telephony_token_secret",
-                     mode="before")
+                     "telephony_tools", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value

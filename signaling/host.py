@@ -14,6 +14,7 @@ from engine.speech.types import SamplingOptions
 
 if TYPE_CHECKING:
     from engine.agent.asr import Transcriber
+    from signaling.server_tools import ServerTools
     from engine.agent.llm.base import ChatLLM
     from engine.agent.vad import SileroVAD
     from engine.speech.types import Reference, SpeechSynthesizer
@@ -52,6 +53,7 @@ class TelephonyConfig:
     token_secret: str | None = None  # signs stream tokens; None: a random secret per process
     token_ttl: float = 60.0  # seconds a webhook's stream token stays valid
     liveness_timeout: float = 5.0  # seconds without any message from the carrier -> the call is over
+    tools: "ServerTools | None" = None  # tools the server runs itself through webhooks (TELEPHONY_TOOLS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +71,8 @@ class RealtimeConfig:
     telephony: TelephonyConfig = TelephonyConfig()
     # Called with each finished response's stage latencies in ms (transcript, first_token, first_audio).
     observe_latency: Callable[[Mapping[str, float]], None] | None = None
+    # Called with (tool name, outcome, seconds) for each tool call the server runs (signaling.tool_executor).
+    observe_tool_run: Callable[[str, str, float], None] | None = None
 
     def __post_init__(self) -> None:
         origins = self.cors_origins

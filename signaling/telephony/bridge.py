@@ -2,10 +2,12 @@
 
 Carrier-neutral: a dialect (twilio, telnyx, plivo) parses and builds the messages. Four tasks
 run per call: the reader (caller audio, DTMF, marks, stop), the output pump (conversation events
-and audio out), the paced sender (`CarrierPlayback`) and a watchdog that ends a call whose
-carrier went quiet (carriers send a media frame every 20 ms, silence included). Malformed or
-unknown messages are logged and skipped. Closing cancels every task, stops the conversation's
-model work, closes the socket and frees the call's registry slot.
+and audio out; with server tools configured it also feeds a `ToolExecutor`, which runs the model's
+tool calls, since a phone has no client to run them), the paced sender (`CarrierPlayback`) and a
+watchdog that ends a call whose carrier went quiet (carriers send a media frame every 20 ms,
+silence included). Malformed or unknown messages are logged and skipped. Closing cancels every
+task (the tool runs too), stops the conversation's model work, closes the socket and frees the
+call's registry slot.
 """
 from __future__ import annotations
 
@@ -24,9 +26,11 @@ from engine.agent.conversation import AudioClear, AudioOut, ConversationEvent, C
 from engine.agent.conversation.events import ResponseDone
 from signaling.host import CallLimits, TelephonyConfig
 from signaling.registry import CallRegistry
+from signaling.server_tools import ServerTools
 from signaling.telephony.codec import PhoneDecoder
 from signaling.telephony.messages import Dialect, Dtmf, Media, MessageError, Other, Played, Start, Stop
 from signaling.telephony.playback import CarrierPlayback
+from signaling.tool_executor import ObserveRun, ToolExecutor
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +42,8 @@ class PhoneCall:
 
     def __init__(self, *, ws: web.WebSocketResponse, dialect: Dialect, start: Start,
                  conversation: ConversationSession, registry: CallRegistry, telephony: TelephonyConfig,
-                 limits: CallLimits) -> None:
+                 limits: CallLimits, tools: ServerTools | None = None,
+                 observe_tool_run: ObserveRun | None = None) -> None:
         self.id = "phone_" + secrets.token_hex(12)
         self.ws = ws
         self.dialect = dialect
@@ -52,6 +57,10 @@ class PhoneCall:
                                         rate=start.sample_rate, send=self._send,
                                         on_played=conversation.mark_played)
         self.events: collections.deque[ConversationEvent] = collections.deque(maxlen=KEEP_EVENTS)
+        self.tools = None if tools is None else ToolExecutor(conversation, tools, session={
+            "id": self.id, "transport": "telephony", "carrier": dialect.name, "call_id": start.call_id,
+            "stream_id": start.stream_id, "account_id": start.account_id,
+            "parameters": {k: v for k, v in start.parameters.items() if k != "token"}}, observe=observe_tool_run)
         self.t0 = time.monotonic()
         self.t_last_message = self.t0
         self.media_in = 0  # caller media messages
@@ -87,6 +96,8 @@ class PhoneCall:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if self.tools is not None:
+                await self.tools.close()
             await self.conversation.close()
             with contextlib.suppress(Exception):
                 await self.ws.close()
@@ -171,6 +182,8 @@ class PhoneCall:
                 await self.playback.clear(item.response_id)
             elif isinstance(item, ConversationEvent):
                 self.events.append(item)
+                if self.tools is not None:
+                    self.tools.observe(item)
                 if isinstance(item, ResponseDone):
                     self.playback.end_response(item.response_id)
 

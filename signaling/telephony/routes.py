@@ -9,7 +9,10 @@
 
 Session options (mode, voice, instructions, and the other flat names of signaling.options) come
 from the webhook URL's query string and travel to the stream as stream parameters, beside a
-short-lived single-use token that admits exactly that call.
+short-lived single-use token that admits exactly that call. With a tools file (TELEPHONY_TOOLS)
+the server runs the model's tool calls itself (signaling.tool_executor); `tools=a,b` and
+`tool_choice=auto|none|required|<name>` narrow them for one call (a query option, or a TwiML
+<Parameter> of the stream).
 """
 from __future__ import annotations
 
@@ -25,11 +28,13 @@ from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import Connect, VoiceResponse
 from yarl import URL
 
+from engine.agent.tools import ToolConfigError
 from signaling.configure import build_conversation
 from signaling.errors import CallError
 from signaling.host import RealtimeConfig, RealtimeModels
 from signaling.options import OptionsError, SessionOptions, from_query
 from signaling.registry import CallRegistry
+from signaling.server_tools import ServerTools
 from signaling.telephony.bridge import PhoneCall
 from signaling.telephony.messages import Dialect, MessageError, Start
 from signaling.telephony.plivo import PlivoDialect
@@ -42,6 +47,7 @@ log = logging.getLogger(__name__)
 PREFIX = "/v1/telephony"
 STREAM_PATH = PREFIX + "/stream"
 TOKEN_PARAM = "token"
+TOOLS_PARAM, CHOICE_PARAM = "tools", "tool_choice"
 DIALECTS: tuple[Dialect, ...] = (TwilioDialect(), TelnyxDialect(), PlivoDialect())
 START_MESSAGES = 4  # messages a stream may send before its start (Twilio and Telnyx send `connected`)
 START_TIMEOUT = 10.0
@@ -94,7 +100,24 @@ def _options(request: web.Request) -> dict[str, str]:
     """The webhook URL's session options, checked now (a bad one is the operator's mistake: 400)."""
     options = {k: v for k, v in request.query.items() if k not in ("key", TOKEN_PARAM)}
     from_query(options)  # raises OptionsError
+    _call_tools(request.app[CONFIG], options)  # raises ToolConfigError
     return options
+
+
+def _call_tools(config: RealtimeConfig, params: Mapping[str, str]) -> ServerTools | None:
+    """The tools the server runs for this call: the tools file's, narrowed by the call's own
+    `tools` (names, comma-separated) and `tool_choice` parameters."""
+    tools = config.telephony.tools
+    names = [name.strip() for name in params.get(TOOLS_PARAM, "").split(",") if name.strip()]
+    choice = params.get(CHOICE_PARAM, "").strip() or None
+    if tools is None:
+        if names or choice:
+            raise ToolConfigError(TOOLS_PARAM if names else CHOICE_PARAM,
+                                  "this server has no phone-call tools (set TELEPHONY_TOOLS to a tools file)")
+        return None
+    if not names and choice is None:
+        return tools
+    return tools.narrowed(names or [w.tool.name for w in tools.webhooks], choice)
 
 
 async def _form(request: web.Request) -> dict[str, str]:
@@ -130,7 +153,7 @@ def _admit(request: web.Request, call_sid: str | None) -> tuple[dict[str, str], 
     """The call's session options and a single-use stream token, or why the call is refused."""
     try:
         options = _options(request)
-    except OptionsError as exc:
+    except (OptionsError, ToolConfigError) as exc:
         return _refuse(400, str(exc))
     if (busy := _not_ready(request)) is not None:
         return busy
@@ -231,12 +254,16 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
     registry = request.app[CALLS]
     try:
         options: SessionOptions = from_query({k: v for k, v in params.items() if k != TOKEN_PARAM})
+        tools = _call_tools(config, params)
         async with registry.reserve():
             conversation = await build_conversation(request.app[MODELS], config, options)
+            if tools is not None:
+                conversation.update(tools=tools.tools, tool_choice=tools.tool_choice)
             call = PhoneCall(ws=ws, dialect=dialect, start=start, conversation=conversation, registry=registry,
-                             telephony=config.telephony, limits=config.limits)
+                             telephony=config.telephony, limits=config.limits, tools=tools,
+                             observe_tool_run=config.observe_tool_run)
             registry.add(call)  # inside the reservation, so the slot is never free in between
-    except (OptionsError, CallError) as exc:
+    except (OptionsError, ToolConfigError, CallError) as exc:
         log.warning("%s call %s refused: %s", dialect.name, start.call_id, exc)
         await ws.close(code=1011 if isinstance(exc, CallError) and exc.status >= 500 else 1008,
                        message=str(exc).encode()[:120])
