@@ -4,11 +4,14 @@ passthrough backend; tool definitions checked with jsonschema; one constrained r
 whose arguments do not validate."""
 from __future__ import annotations
 
+import asyncio
 import json
 
+import hypothesis
+import hypothesis.strategies
 import pytest
 
-from engine.agent.conversation.tool_calls import CallReady, CallStarted, with_tool_calls
+from engine.agent.conversation.tool_calls import CallReady, CallStarted, with_tool_calls, without_tool_markup
 from engine.agent.llm.embedded import CallScanner, parse_calls
 from engine.agent.llm.openai_compat import OpenAICompatLLM
 from engine.agent.reply_stream import ReplyError
@@ -176,3 +179,37 @@ async def test_invalid_arguments_get_one_constrained_retry(llama_server):
     finally:
         await llm.aclose()
         await faulty.stop()
+
+
+TOOL_MARKUP_TEXT = ('Let me check. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+                    '</tool_call> It is sunny, 3 < 4 and <b>bold</b> stays.')
+
+
+@hypothesis.settings(max_examples=200, deadline=None)
+@hypothesis.given(cuts=hypothesis.strategies.lists(
+    hypothesis.strategies.integers(0, len(TOOL_MARKUP_TEXT)), max_size=12))
+def test_tool_markup_is_left_out_of_spoken_text_however_the_stream_splits_it(cuts):
+    bounds = [0, *sorted(cuts), len(TOOL_MARKUP_TEXT)]
+    pieces = [TOOL_MARKUP_TEXT[a:b] for a, b in zip(bounds, bounds[1:])]
+
+    async def stream():
+        for piece in pieces:
+            yield piece
+
+    async def collect():
+        return [item async for item in without_tool_markup(stream())]
+
+    out = asyncio.run(collect())
+    assert "".join(out) == "Let me check.  It is sunny, 3 < 4 and <b>bold</b> stays."
+    assert all(out)  # no empty deltas
+
+
+def test_an_unclosed_tool_call_block_is_dropped_to_the_end():
+    async def stream():
+        for piece in ["Sure", ". <tool_", "call>{\"name\": ", "\"x\"}"]:
+            yield piece
+
+    async def collect():
+        return "".join([item async for item in without_tool_markup(stream())])
+
+    assert asyncio.run(collect()) == "Sure. "

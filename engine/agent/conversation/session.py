@@ -21,7 +21,7 @@ from engine.agent.conversation.events import Output, TurnDetection, UserDtmf, Us
 from engine.agent.conversation.history import History, HistoryItem, Role
 from engine.agent.conversation.outputs import OutputQueue
 from engine.agent.conversation.responses import Responder, tts_request
-from engine.agent.conversation.tool_calls import with_tool_calls
+from engine.agent.conversation.tool_calls import with_tool_calls, without_tool_markup
 from engine.agent.conversation.turns import TurnInput
 from engine.agent.llm.base import ChatOptions, build_messages
 from engine.agent.reply_stream import ReplyError, one_shot
@@ -313,7 +313,9 @@ class ConversationSession:
                     messages, max_tokens=self.chat.max_tokens, temperature=self.chat.temperature,
                     **({"tools": tools, "tool_choice": override or choice} if calling else {}))
 
-            return with_tool_calls(stream, tools, lambda: self._new_id("call")) if calling else stream(None)
+            if calling:
+                return with_tool_calls(stream, tools, lambda: self._new_id("call"))
+            return without_tool_markup(stream(None))
 
         return self._responses.start("agent", reply, self._speech_request(None, voice), speak=speak,
                                      tools=calling, **times)

@@ -89,3 +89,44 @@ async def _retry(stream: StreamFactory, tools: Sequence[Tool], call: _Pending) -
     if call.announced and name != call.name:
         return  # announced under its name already; the retry may not rename it
     call.name, call.deltas = name, deltas
+
+
+OPEN_TAG, CLOSE_TAG = "<tool_call>", "</tool_call>"
+
+
+async def without_tool_markup(stream: AsyncIterator[object]) -> AsyncIterator[object]:
+    """Text with any `<tool_call>...</tool_call>` block left out. Small chat models trained on the
+    Hermes format (SmolLM2 among them) write one as plain text when no tools are offered, and it
+    must not be spoken. Text that may be the start of a tag is held until it is not."""
+    held, inside = "", False
+    async for item in stream:
+        if not isinstance(item, str):
+            yield item
+            continue
+        held += item
+        out = []
+        while held:
+            tag = CLOSE_TAG if inside else OPEN_TAG
+            at = held.find(tag)
+            if at >= 0:
+                if not inside:
+                    out.append(held[:at])
+                held, inside = held[at + len(tag):], not inside
+                continue
+            keep = _partial_tag_length(held, tag)
+            if not inside:
+                out.append(held[:len(held) - keep])
+            held = held[len(held) - keep:]
+            break
+        if "".join(out):
+            yield "".join(out)
+    if held and not inside:
+        yield held
+
+
+def _partial_tag_length(text: str, tag: str) -> int:
+    """How many characters at the end of `text` could begin `tag`."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0
