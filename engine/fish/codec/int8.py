@@ -22,7 +22,7 @@ class RowExactInt8Linear(Int8Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
-        rows = x.reshape(-1, shape[-1]).to(self.scale.dtype)
+        rows = x.reshape(-1, shape[-1]).to(self.scale.dtype).contiguous()  # the kernel needs unit stride
         y = torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, self.scale)
         y = y.view(*shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias
