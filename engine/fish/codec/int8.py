@@ -38,4 +38,16 @@ def quantize_codec_linears(codec: nn.Module) -> int:
         q = RowExactInt8Linear.from_weight(linear.weight.detach(), None if linear.bias is None else linear.bias.detach())
         setattr(codec.quantizer.get_submodule(parent) if parent else codec.quantizer, leaf, q)
         release_pages(linear.weight)  # the float weight may be a memory-mapped checkpoint page
+    return_freed_heap()
     return len(names)
+
+
+def return_freed_heap() -> None:
+    """Give glibc's freed heap back to the OS: quantizing leaves ~450 MB of freed float temporaries
+    that the allocator would otherwise keep (measured on the published size). A no-op elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
