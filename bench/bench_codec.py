@@ -14,6 +14,7 @@ import time
 import torch
 
 from engine.fish.codec import Codec, CodecConfig, StreamingDecoder
+from engine.fish.codec.int8 import quantize_codec_linears
 
 
 def build(device: str, dtype: torch.dtype) -> Codec:
@@ -48,6 +49,8 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=4, help="frames per streaming push")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--quantize", default="none", choices=["none", "int8"],
+                    help="int8: the quantizer's linear layers as int8 (CPU); prints the SNR against float32")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -66,6 +69,12 @@ def main() -> None:
     audio = (0.3 * torch.randn(frames * hop)).to(args.device)
 
     with torch.inference_mode():
+        if args.quantize == "int8":
+            reference = codec.decode(codes)
+            quantize_codec_linears(codec)
+            out = codec.decode(codes)
+            snr = 10 * torch.log10(reference.pow(2).sum() / (out - reference).pow(2).sum())
+            print(f"int8 linears: whole decode {snr:.1f} dB SNR against float32")
         codec.decode(codes[:, :8])  # warm-up: allocator, kernels
         dec_t, _ = timed(lambda: codec.decode(codes), args.device, args.repeats)
 

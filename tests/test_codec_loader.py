@@ -146,6 +146,7 @@ def test_bfloat16_load_decodes_close_to_float32(tiny_file, codes):
     out = half.decode(codes)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert (out - ref).abs().max() < 0.1
+    assert 10 * torch.log10(ref.pow(2).sum() / (out - ref).pow(2).sum()) >= 30  # SNR in dB
 
 
 def test_loading_new_weights_refreshes_the_folded_copies(tiny_file, codes):

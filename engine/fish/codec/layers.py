@@ -7,6 +7,11 @@ so decoding in pieces gives the same samples as decoding at once.
 Weight norm keeps the published parameter names (torch's `parametrizations.weight.original0/1`)
 but the effective weight `g·v/‖v‖` is folded once into a buffer by `fold()` (Codec.fold_weight_norm)
 rather than recomputed on every call.
+
+On a CPU the convolutions whose weights outweigh their input (the wide first layers, every 1×1
+conv, and the transposed convs) run as one matrix multiply instead of through oneDNN, which
+re-lays out the whole weight on every call: for a streaming push of a few frames that re-layout
+cost more than the arithmetic (`gemm_conv1d`, `gemm_conv_transpose1d`).
 """
 from __future__ import annotations
 
@@ -39,6 +44,44 @@ class StreamState:
         # a copy, so the (possibly large) input is not kept alive between calls
         self._items[owner] = full[..., full.shape[-1] - size:].clone()
         return full
+
+
+def gemm_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int) -> Tensor | None:
+    """Stride-1, ungrouped conv1d of an already padded x (B, C_in, L) as one GEMM per batch row
+    (im2col: k shifted views stacked), or None where oneDNN is the better choice: a long input
+    whose column matrix would outweigh the weight."""
+    c_out, c_in, k = weight.shape
+    t_out = x.shape[-1] - (k - 1) * dilation
+    if k > 1 and weight.numel() < c_in * k * t_out:
+        return None
+    w = weight.reshape(c_out, c_in * k)  # (C_out, C_in·k), columns ordered (channel, tap)
+    rows = []
+    for xb in x:
+        cols = xb if k == 1 else torch.stack([xb[:, i * dilation:i * dilation + t_out] for i in range(k)], dim=1)
+        cols = cols.reshape(c_in * k, t_out)
+        rows.append(torch.mm(w, cols) if bias is None else torch.addmm(bias[:, None], w, cols))
+    return torch.stack(rows)
+
+
+def gemm_conv_transpose1d(x: Tensor, weight_ikc: Tensor, bias: Tensor | None, stride: int) -> Tensor:
+    """conv_transpose1d(x, weight, bias, stride) for kernel = m·stride, given the weight laid out
+    (C_in, kernel, C_out): one GEMM gives every input frame's m·stride output samples, and
+    overlapping frames are summed with m shifted adds."""
+    c_in, kernel, c_out = weight_ikc.shape
+    m = kernel // stride
+    b, _, t = x.shape
+    out = x.new_empty(b, c_out, (t + m - 1) * stride)
+    for i, xb in enumerate(x):
+        z = torch.mm(xb.t(), weight_ikc.view(c_in, kernel * c_out)).view(t, m, stride, c_out)
+        acc = z.new_zeros(t + m - 1, stride, c_out)
+        for r in range(m):
+            acc[r:r + t] += z[:, r]
+        acc = acc.view(-1, c_out).t()
+        if bias is None:
+            out[i].copy_(acc)
+        else:
+            torch.add(acc, bias[:, None], out=out[i])
+    return out
 
 
 class _FoldedWeight(nn.Module):
@@ -88,6 +131,10 @@ class CausalConv1d(_FoldedWeight):
             if self.left_pad:
                 x = state.with_left_context(self, x, self.left_pad)
         elif self.stride == 1:
+            if self._gemm_eligible(x):
+                y = gemm_conv1d(F.pad(x, (self.left_pad, 0)), self.weight, self.conv.bias, self.dilation)
+                if y is not None:
+                    return y
             # the conv's own (symmetric) zero padding, minus the outputs that only the right
             # padding produced: same values as padding on the left, without copying the input
             length = x.shape[-1]
@@ -95,7 +142,14 @@ class CausalConv1d(_FoldedWeight):
             return y[..., :length]
         else:
             x = F.pad(x, (self.left_pad, self._right_pad(x.shape[-1])))
+        if self.stride == 1 and self._gemm_eligible(x):
+            y = gemm_conv1d(x, self.weight, self.conv.bias, self.dilation)
+            if y is not None:
+                return y
         return F.conv1d(x, self.weight, self.conv.bias, self.stride, 0, self.dilation, self.groups)
+
+    def _gemm_eligible(self, x: Tensor) -> bool:
+        return x.device.type == "cpu" and self.groups == 1
 
 
 class CausalConvTranspose1d(_FoldedWeight):
@@ -114,12 +168,29 @@ class CausalConvTranspose1d(_FoldedWeight):
         # earlier input frames whose output still overlaps the next call's first samples
         self.context_frames = -(-self.overhang // stride)
         self._init_fold()
+        # (C_in, kernel, C_out) copy of the weight for the CPU GEMM path (fold); when the weight is
+        # weight-normed, folded_weight is a view of it rather than a second copy
+        self.register_buffer("gemm_weight", None, persistent=False)
+
+    def fold(self) -> None:
+        if self.conv.kernel_size[0] % self.stride:
+            return super().fold()
+        with torch.no_grad():
+            self.gemm_weight = self.weight.detach().permute(0, 2, 1).contiguous()
+            if parametrize.is_parametrized(self.conv, "weight"):
+                self.folded_weight = self.gemm_weight.permute(0, 2, 1)
+
+    def clear_folded(self) -> None:
+        self.folded_weight = self.gemm_weight = None
 
     def forward(self, x: Tensor, state: StreamState | None = None) -> Tensor:
         frames = x.shape[-1]
         if state is not None and self.context_frames:
             x = state.with_left_context(self, x, self.context_frames)
-        y = F.conv_transpose1d(x, self.weight, self.conv.bias, self.stride)
+        if self.gemm_weight is not None and x.device.type == "cpu":
+            y = gemm_conv_transpose1d(x, self.gemm_weight, self.conv.bias, self.stride)
+        else:
+            y = F.conv_transpose1d(x, self.weight, self.conv.bias, self.stride)
         start = (x.shape[-1] - frames) * self.stride
         return y[..., start:start + frames * self.stride]
 
