@@ -179,6 +179,18 @@ def test_bad_semantic_vad_options_name_the_param(session, param):
         SemanticTurnDetection(eagerness="eager")  # type: ignore[arg-type]
 
 
+def test_the_turn_detection_setting_picks_the_sessions_default():
+    import pydantic
+
+    from server.app import realtime_config
+    from server.settings import Settings
+
+    assert realtime_config(Settings(turn_detection="semantic_vad")).turn_detection == SemanticTurnDetection()
+    assert realtime_config(Settings(turn_detection="server_vad")).turn_detection is None  # server_vad's defaults
+    with pytest.raises(pydantic.ValidationError, match="turn_detection"):
+        Settings(turn_detection="loudness_vad")
+
+
 # ---------------------------------------------------------------------------- over /v1/realtime
 openai = pytest.importorskip("openai")
 
