@@ -55,7 +55,8 @@ def _choice_fits(choice: ToolChoice, tools: tuple[Tool, ...]) -> bool:
 
 class ConversationSession:
     """All methods are called from one asyncio loop. Model work (ASR, LLM, TTS) runs off the loop
-    inside the model wrappers; VAD (~0.1 ms per 32 ms frame) runs inline in `push_audio`."""
+    inside the model wrappers; VAD (~0.1 ms per 32 ms frame) runs inline in `push_audio`, which
+    awaits semantic_vad's Smart Turn (run on a thread) when a pause asks it."""
 
     def __init__(
         self,
