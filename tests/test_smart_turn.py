@@ -179,6 +179,26 @@ def test_bad_semantic_vad_options_name_the_param(session, param):
         SemanticTurnDetection(eagerness="eager")  # type: ignore[arg-type]
 
 
+async def test_semantic_vad_without_the_model_is_refused_before_anything_changes(vad):
+    import types
+
+    from engine.agent.conversation import ConversationSession
+    from signaling.configure import apply_options
+
+    conv = ConversationSession(tts=None, asr=None, llm=None, vad_model=vad, mode="tts",  # type: ignore[arg-type]
+                               turn_detection=TurnDetection(silence_duration_ms=700))
+    with pytest.raises(ValueError, match="Smart Turn"):
+        conv.update(instructions="changed", turn_detection=SemanticTurnDetection())
+    assert conv.turn_detection == TurnDetection(silence_duration_ms=700) and conv.instructions != "changed"
+    services = types.SimpleNamespace(smart_turn=None, loading=False, references=None)
+    options = from_session({"instructions": "changed", "turn_detection": {"type": "semantic_vad"}})
+    with pytest.raises(OptionsError) as info:
+        await apply_options(conv, options, services)  # type: ignore[arg-type]
+    assert info.value.param == "turn_detection" and "not loaded" in str(info.value)
+    assert conv.instructions != "changed"
+    await conv.close()
+
+
 def test_the_turn_detection_setting_picks_the_sessions_default():
     import pydantic
 
