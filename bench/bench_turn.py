@@ -86,6 +86,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--eagerness", default="auto", choices=["low", "medium", "high", "auto"])
     ap.add_argument("--silence-ms", type=int, default=500, help="server_vad silence_duration_ms")
-    ap.add_argument("--threads", type=int, default=2, help="Smart Turn onnxruntime intra-op threads")
+    ap.add_argument("--threads", type=int, default=1, help="Smart Turn onnxruntime intra-op threads")
     ap.add_argument("--reps", type=int, default=10)
     asyncio.run(main(ap.parse_args()))

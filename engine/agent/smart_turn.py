@@ -69,9 +69,10 @@ class SmartTurn:
         self._window = np.hanning(N_FFT + 1)[:-1]  # periodic Hann
 
     @classmethod
-    def load(cls, path: str | Path | None = None, *, threads: int = 2) -> SmartTurn:
+    def load(cls, path: str | Path | None = None, *, threads: int = 1) -> SmartTurn:
         options = ort.SessionOptions()
-        # ~50 ms of int8 matmuls per decision on two threads; the user is pausing, so the cores are free.
+        # One thread, as Pipecat runs it: on a busy 2-core machine a second thread measured slower
+        # (bench/bench_turn.py --threads), and ASR or TTS may be using the other core.
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         session = ort.InferenceSession(str(path or smart_turn_onnx_path()), sess_options=options,
