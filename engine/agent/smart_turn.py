@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import importlib.util
+import logging
+import time
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -26,6 +28,8 @@ import onnxruntime as ort
 
 from engine.agent.vad import (FRAME_SAMPLES, INPUT_SAMPLE_RATE, SpeechStarted, TurnDetection, TurnDetector,
                               TurnEvent, as_pcm16k)
+
+log = logging.getLogger(__name__)
 
 MODEL_SECONDS = 8
 MODEL_SAMPLES = MODEL_SECONDS * INPUT_SAMPLE_RATE
@@ -155,7 +159,10 @@ class SemanticEndOfTurn:
                 continue
             self._next_check_ms = pause_ms * RECHECK_FACTOR
             audio = self._detector.turn_audio(MODEL_SAMPLES)
+            t0 = time.perf_counter()
             self.last_probability = await asyncio.to_thread(self._model.probability, audio)
+            log.debug("smart turn: p=%.2f after a %d ms pause (%.0f ms)", self.last_probability, pause_ms,
+                      (time.perf_counter() - t0) * 1000)
             if self.last_probability >= COMPLETE_THRESHOLD:
                 stopped = self._detector.flush()  # None if the turn was reset while the model ran
                 if stopped is not None:
