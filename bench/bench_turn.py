@@ -52,7 +52,8 @@ async def main(args: argparse.Namespace) -> None:
         for _ in range(args.reps):
             t0 = time.perf_counter(); model.features(audio); feats.append((time.perf_counter() - t0) * 1000)
             t0 = time.perf_counter(); model.probability(audio); full.append((time.perf_counter() - t0) * 1000)
-        print(f"Smart Turn on {seconds} s of audio, {args.threads} thread(s): features median {statistics.median(feats):.1f} ms, "
+        print(f"Smart Turn on {seconds} s of audio, {args.threads} thread(s): "
+              f"features median {statistics.median(feats):.1f} ms, "
               f"features+model median {statistics.median(full):.1f} ms (min {min(full):.1f})")
 
     semantic = SemanticTurnDetection(eagerness=args.eagerness)
@@ -76,7 +77,8 @@ async def main(args: argparse.Namespace) -> None:
             rows["server_vad"].append(server_ms or float("nan"))
             rows["semantic_vad"].append(semantic_ms or float("nan"))
         print(f"  {kind:<10} {text!r:<46} server_vad {server_ms or float('nan'):6.0f}   semantic_vad "
-              f"{semantic_ms or float('nan'):6.0f} (last p={end_of_turn.last_probability:.2f}, deciding push {took:.0f} ms)")
+              f"{semantic_ms or float('nan'):6.0f} (last p={end_of_turn.last_probability:.2f}, "
+              f"deciding push {took:.0f} ms)")
     for name, values in rows.items():
         print(f"  complete sentences, {name:<12}: median {statistics.median(values):6.0f} ms "
               f"(min {min(values):.0f}, max {max(values):.0f})")

@@ -144,7 +144,8 @@ def load_services_sync(settings: Settings, services: Services | None = None) -> 
             services.vad = _timed(services, "vad", lambda: _load_vad(settings))
             services.smart_turn = _timed(services, "smart_turn", lambda: _load_smart_turn(settings))
         else:
-            services.errors["asr"] = services.errors["vad"] = services.errors["smart_turn"] = "disabled (ASR_MODEL=none)"
+            for name in ("asr", "vad", "smart_turn"):
+                services.errors[name] = "disabled (ASR_MODEL=none)"
         if settings.llm_enabled:
             services.llm = _timed(services, "llm", lambda: _load_llm(settings))
         else:

@@ -40,11 +40,14 @@ async def build_conversation(services: RealtimeModels, config: RealtimeConfig,
         raise CallError(503, "not_ready", "TTS mode needs the TTS model, which is not loaded", param="mode")
     try:
         voice = await resolve_voice(services, options.voice_id) if options.voice_id else ()
-        turn = (config.turn_detection or TurnDetection()) if options.turn_detection == "keep" else options.turn_detection
+        turn = options.turn_detection
+        if turn == "keep":
+            turn = config.turn_detection or TurnDetection()  # the server's default
         _check_semantic(turn, services)
         base_chat = ChatOptions(max_tokens=config.llm_max_tokens) if config.llm_max_tokens else ChatOptions()
         return ConversationSession(
-            tts=tts, asr=asr, llm=llm, vad_model=vad, smart_turn=services.smart_turn, mode=mode, voice=voice,  # type: ignore[arg-type]
+            tts=tts, asr=asr, llm=llm, vad_model=vad, smart_turn=services.smart_turn,  # type: ignore[arg-type]
+            mode=mode, voice=voice,
             instructions=options.instructions or config.instructions or DEFAULT_INSTRUCTIONS,
             turn_detection=turn, sampling=sampling_options(config.sampling, options.sampling),
             chat=_chat_options(base_chat, options), tools=options.tools or (),

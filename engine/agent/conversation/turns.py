@@ -56,7 +56,8 @@ class TurnInput:
             raise ValueError("semantic_vad needs the Smart Turn model, which is not loaded")
 
     def configure(self, turn_detection: TurnDetection | SemanticTurnDetection | None) -> None:
-        """None switches to manual turns (audio is buffered; commit ends a turn)."""
+        """None switches to manual turns (audio is buffered; commit ends a turn); semantic_vad puts
+        Smart Turn over the same silero detector, so a turn in progress survives a switch."""
         self.check(turn_detection)
         semantic = isinstance(turn_detection, SemanticTurnDetection)
         self.turn_detection = turn_detection
@@ -67,8 +68,9 @@ class TurnInput:
             self._detector = TurnDetector(self._vad_model, params)
         else:
             self._detector.configure(params)
-        self._end_of_turn = (SemanticEndOfTurn(self._detector, self._smart_turn, turn_detection)  # type: ignore[arg-type]
-                             if semantic else None)
+        self._end_of_turn = None
+        if semantic:
+            self._end_of_turn = SemanticEndOfTurn(self._detector, self._smart_turn, turn_detection)  # type: ignore
 
     @property
     def user_speaking(self) -> bool:
