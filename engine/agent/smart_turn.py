@@ -44,7 +44,8 @@ EAGERNESS: tuple[str, ...] = get_args(Eagerness)
 MAX_WAIT_MS = {"low": 4000, "medium": 2000, "high": 1000, "auto": 2000}
 COMPLETE_THRESHOLD = 0.5  # pipecat's cut-off for "complete"
 # A pause this long asks the model (server_vad waits 500 ms by default). On bench_turn's espeak set,
-# 96 and 128 ms ended "I would like to order a, um" at its comma; 160 ms did not, and 192 ms gained nothing.
+# 96 and 128 ms ended "I would like to order a, um" at its comma; 160 ms did not; 192 ms delayed every
+# complete sentence by 20-40 ms for a mixed result on the unfinished ones.
 FIRST_CHECK_MS = 160
 # An "incomplete" is asked again once the pause has doubled (160, 320, 640 ms, ...): more silence is
 # more evidence, and a long pause costs a few inferences, not one per frame.
