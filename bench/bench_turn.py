@@ -79,6 +79,7 @@ async def main(args: argparse.Namespace) -> None:
         print(f"  {kind:<10} {text!r:<46} server_vad {server_ms or float('nan'):6.0f}   semantic_vad "
               f"{semantic_ms or float('nan'):6.0f} (last p={end_of_turn.last_probability:.2f}, "
               f"deciding push {took:.0f} ms)")
+    print("  (negative: the turn ended at a pause inside the sentence; ~max wait: Smart Turn kept saying incomplete)")
     for name, values in rows.items():
         print(f"  complete sentences, {name:<12}: median {statistics.median(values):6.0f} ms "
               f"(min {min(values):.0f}, max {max(values):.0f})")
