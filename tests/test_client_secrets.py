@@ -125,7 +125,7 @@ def models(tts_engine, tmp_path_factory):
     from server.references import ReferenceStore
 
     llm = EmbeddedLLM.load()
-    yield types.SimpleNamespace(asr=Transcriber.load(), vad=SileroVAD.load(), llm=llm, tts=tts_engine,
+    yield types.SimpleNamespace(asr=Transcriber.load(), vad=SileroVAD.load(), smart_turn=None, llm=llm, tts=tts_engine,
                                 references=ReferenceStore(tmp_path_factory.mktemp("references")), loading=False)
     llm.close()
 

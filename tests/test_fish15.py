@@ -320,7 +320,7 @@ async def test_webrtc_call_speaks_a_tts_request(engine15, tmp_path):
     pytest.importorskip("llama_cpp")
     undo = force_loopback_ice()
     llm = EmbeddedLLM.load()
-    services = types.SimpleNamespace(asr=Transcriber.load(), vad=SileroVAD.load(), llm=llm, tts=engine15,
+    services = types.SimpleNamespace(asr=Transcriber.load(), vad=SileroVAD.load(), smart_turn=None, llm=llm, tts=engine15,
                                      references=ReferenceStore(tmp_path / "references"))
     server = await LocalServer(services, rtc_liveness_timeout=2.0).start()
     client = RealtimeClient(server.base_url)

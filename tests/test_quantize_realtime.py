@@ -26,7 +26,7 @@ def quantized_models(tiny_checkpoint, tmp_path_factory):
     tts = TTSEngine.load(tiny_checkpoint, device="cpu", quantize="int8")
     assert isinstance(tts.models.model.layers[0].attention.wqkv, Int8Linear)
     llm = EmbeddedLLM.load()
-    yield types.SimpleNamespace(asr=Transcriber.load(), vad=SileroVAD.load(), llm=llm, tts=tts,
+    yield types.SimpleNamespace(asr=Transcriber.load(), vad=SileroVAD.load(), smart_turn=None, llm=llm, tts=tts,
                                 references=ReferenceStore(tmp_path_factory.mktemp("references")))
     llm.close()
     tts.close()

@@ -36,7 +36,7 @@ def models(tts_engine):
     from engine.agent.vad import SileroVAD
 
     llm = EmbeddedLLM.load()
-    yield types.SimpleNamespace(asr=Transcriber.load(), vad=SileroVAD.load(), llm=llm, tts=tts_engine,
+    yield types.SimpleNamespace(asr=Transcriber.load(), vad=SileroVAD.load(), smart_turn=None, llm=llm, tts=tts_engine,
                                 references=None, loading=False)
     llm.close()
 

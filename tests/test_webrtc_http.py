@@ -19,7 +19,7 @@ def services():
     from engine.agent.vad import SileroVAD
 
     llm = EmbeddedLLM.load()
-    yield types.SimpleNamespace(asr=Transcriber.load(), vad=SileroVAD.load(), llm=llm, tts=None,
+    yield types.SimpleNamespace(asr=Transcriber.load(), vad=SileroVAD.load(), smart_turn=None, llm=llm, tts=None,
                                 references=None, loading=False)
     llm.close()
 

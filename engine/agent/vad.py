@@ -160,6 +160,17 @@ class TurnDetector:
     def position_ms(self) -> int:
         return _ms(self._samples_seen)
 
+    @property
+    def pause_ms(self) -> int:
+        """How long the turn in progress has been quiet (0 outside a turn)."""
+        return _ms(self._samples_seen - self._last_voiced_end) if self._in_speech else 0
+
+    def turn_audio(self, max_samples: int) -> np.ndarray:
+        """The last `max_samples` (at most) of the turn in progress, prefix padding included."""
+        n_frames = -(-max_samples // FRAME_SAMPLES)  # ceil
+        frames = self._turn[-n_frames:] if n_frames else []
+        return np.concatenate(frames)[-max_samples:] if frames else np.zeros(0, np.float32)
+
     def reset(self) -> None:
         """Forget any partial turn (e.g. input_audio_buffer.clear); the stream clock keeps running."""
         self._stream.reset()

@@ -11,3 +11,4 @@
 from engine.agent.conversation.events import (INPUT_SAMPLE_RATE, AudioClear, AudioOut,  # noqa: F401
                                               ConversationError, ConversationEvent, Output, TurnDetection)
 from engine.agent.conversation.session import DEFAULT_INSTRUCTIONS, ConversationSession  # noqa: F401
+from engine.agent.smart_turn import SemanticTurnDetection  # noqa: F401 - semantic_vad, beside TurnDetection

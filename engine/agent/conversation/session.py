@@ -25,12 +25,14 @@ from engine.agent.conversation.tool_calls import with_tool_calls, without_tool_m
 from engine.agent.conversation.turns import TurnInput
 from engine.agent.llm.base import ChatOptions, build_messages
 from engine.agent.reply_stream import ReplyError, one_shot
+from engine.agent.smart_turn import SemanticTurnDetection
 from engine.agent.tools import AUTO, Tool, ToolChoice, check_choice
 from engine.speech.types import Reference, SamplingOptions, SpeechSynthesizer, TTSRequest
 
 if TYPE_CHECKING:
     from engine.agent.asr import Transcriber
     from engine.agent.llm.base import ChatLLM
+    from engine.agent.smart_turn import SmartTurn
     from engine.agent.vad import SileroVAD
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,8 @@ def _choice_fits(choice: ToolChoice, tools: tuple[Tool, ...]) -> bool:
 
 class ConversationSession:
     """All methods are called from one asyncio loop. Model work (ASR, LLM, TTS) runs off the loop
-    inside the model wrappers; VAD (~0.1 ms per 32 ms frame) runs inline in `push_audio`."""
+    inside the model wrappers; VAD (~0.1 ms per 32 ms frame) runs inline in `push_audio`, which
+    awaits semantic_vad's Smart Turn (run on a thread) when a pause asks it."""
 
     def __init__(
         self,
@@ -62,10 +65,11 @@ class ConversationSession:
         asr: "Transcriber",
         llm: "ChatLLM | None",
         vad_model: "SileroVAD",
+        smart_turn: "SmartTurn | None" = None,
         mode: Mode = "agent",
         voice: tuple[Reference, ...] = (),
         instructions: str = DEFAULT_INSTRUCTIONS,
-        turn_detection: TurnDetection | None = TurnDetection(),
+        turn_detection: TurnDetection | SemanticTurnDetection | None = TurnDetection(),
         sampling: SamplingOptions = SamplingOptions(),
         history: list[dict] | None = None,
         chat: ChatOptions = ChatOptions(),
@@ -73,7 +77,8 @@ class ConversationSession:
         tools: tuple[Tool, ...] = (),
         tool_choice: ToolChoice = AUTO,
     ) -> None:
-        """`chat` sets the LLM's reply length/temperature; `speech` is the TTS request template
+        """`smart_turn` (the shared Smart Turn model) makes `SemanticTurnDetection` available.
+        `chat` sets the LLM's reply length/temperature; `speech` is the TTS request template
         (chunk_length, normalize, ...): its text, voice and sampling are filled in per sentence."""
         self._tts = tts
         self._llm = llm
@@ -94,12 +99,13 @@ class ConversationSession:
                                     new_id=self._new_id)
         self._turns = TurnInput(asr=asr, vad_model=vad_model, outputs=self._outputs, spawn=self._spawn,
                                 new_id=self._new_id, on_speech_started=self._on_speech_started,
-                                on_transcript=self._on_transcript)
+                                on_transcript=self._on_transcript, smart_turn=smart_turn)
         self.update(mode=mode, voice=voice, turn_detection=turn_detection, tools=tools, tool_choice=tool_choice)
 
     # ------------------------------------------------------------------ configuration
     def update(self, *, mode: Mode | None = None, voice: tuple[Reference, ...] | None = None,
-               instructions: str | None = None, turn_detection: TurnDetection | None | Literal["keep"] = "keep",
+               instructions: str | None = None,
+               turn_detection: TurnDetection | SemanticTurnDetection | None | Literal["keep"] = "keep",
                sampling: SamplingOptions | None = None, chat: ChatOptions | None = None,
                tools: tuple[Tool, ...] | None = None, tool_choice: ToolChoice | None = None) -> None:
         """Change session settings (session.update). `turn_detection=None` switches to manual turns
@@ -108,6 +114,8 @@ class ConversationSession:
         new_tools = self.tools if tools is None else tuple(tools)
         new_choice = self.tool_choice if tool_choice is None else tool_choice
         check_choice(new_choice, new_tools)
+        if turn_detection != "keep":
+            self._turns.check(turn_detection)  # type: ignore[arg-type]
         if mode is not None:
             if mode not in ("agent", "tts"):
                 raise ValueError(f"mode must be 'agent' or 'tts', got {mode!r}")
@@ -129,7 +137,7 @@ class ConversationSession:
         self.tools, self.tool_choice = new_tools, new_choice
 
     @property
-    def turn_detection(self) -> TurnDetection | None:
+    def turn_detection(self) -> TurnDetection | SemanticTurnDetection | None:
         return self._turns.turn_detection
 
     @property

@@ -13,10 +13,12 @@ from engine.agent.conversation.events import (INPUT_SAMPLE_RATE, TurnDetection, 
                                               UserSpeechStarted, UserSpeechStopped, UserTranscript)
 from engine.agent.conversation.outputs import OutputQueue
 from engine.agent.conversation.playout import ms
+from engine.agent.smart_turn import SemanticEndOfTurn, SemanticTurnDetection
 from engine.agent.vad import MAX_TURN_SECONDS, SpeechStarted, SpeechStopped, TurnDetector, as_pcm16k
 
 if TYPE_CHECKING:
     from engine.agent.asr import Transcriber
+    from engine.agent.smart_turn import SmartTurn
     from engine.agent.vad import SileroVAD
 
 log = logging.getLogger(__name__)
@@ -32,29 +34,43 @@ class TurnInput:
     def __init__(self, *, asr: "Transcriber", vad_model: "SileroVAD", outputs: OutputQueue,
                  spawn: Callable, new_id: Callable[[str], str],
                  on_speech_started: Callable[[str], Awaitable[None]],
-                 on_transcript: Callable[[UserTranscript, float, bool], None]) -> None:
+                 on_transcript: Callable[[UserTranscript, float, bool], None],
+                 smart_turn: "SmartTurn | None" = None) -> None:
         self._asr = asr
         self._vad_model = vad_model
+        self._smart_turn = smart_turn
         self._outputs = outputs
         self._spawn = spawn
         self._new_id = new_id
         self._on_speech_started = on_speech_started
         self._on_transcript = on_transcript
-        self.turn_detection: TurnDetection | None = None
+        self.turn_detection: TurnDetection | SemanticTurnDetection | None = None
         self._detector: TurnDetector | None = None
+        self._end_of_turn: SemanticEndOfTurn | None = None  # semantic_vad: Smart Turn over the same detector
         self._manual_buffer: list[np.ndarray] = []
         self._asr_lock = asyncio.Lock()  # turns are transcribed, and answered, in spoken order
         self._turn_item: str | None = None
 
-    def configure(self, turn_detection: TurnDetection | None) -> None:
-        """None switches to manual turns (audio is buffered; commit ends a turn)."""
+    def check(self, turn_detection: TurnDetection | SemanticTurnDetection | None) -> None:
+        if isinstance(turn_detection, SemanticTurnDetection) and self._smart_turn is None:
+            raise ValueError("semantic_vad needs the Smart Turn model, which is not loaded")
+
+    def configure(self, turn_detection: TurnDetection | SemanticTurnDetection | None) -> None:
+        """None switches to manual turns (audio is buffered; commit ends a turn); semantic_vad puts
+        Smart Turn over the same silero detector, so a turn in progress survives a switch."""
+        self.check(turn_detection)
+        semantic = isinstance(turn_detection, SemanticTurnDetection)
         self.turn_detection = turn_detection
-        if turn_detection is None:
+        params = turn_detection.silence_params() if semantic else turn_detection
+        if params is None:
             self._detector = None
         elif self._detector is None:
-            self._detector = TurnDetector(self._vad_model, turn_detection)
+            self._detector = TurnDetector(self._vad_model, params)
         else:
-            self._detector.configure(turn_detection)
+            self._detector.configure(params)
+        self._end_of_turn = None
+        if semantic:
+            self._end_of_turn = SemanticEndOfTurn(self._detector, self._smart_turn, turn_detection)  # type: ignore
 
     @property
     def user_speaking(self) -> bool:
@@ -68,7 +84,8 @@ class TurnInput:
             while held > MAX_TURN_SECONDS * INPUT_SAMPLE_RATE and len(self._manual_buffer) > 1:
                 held -= len(self._manual_buffer.pop(0))  # bounded, like a server's input buffer
             return
-        for event in self._detector.push(pcm):
+        events = await self._end_of_turn.push(pcm) if self._end_of_turn else self._detector.push(pcm)
+        for event in events:
             if isinstance(event, SpeechStarted):
                 await self._speech_started(event)
             else:
