@@ -43,6 +43,7 @@ class RealtimeControl:
         self.voice_echo = options.voice_echo
         self.model = options.model or model
         self.output_modalities = options.output_modalities or ("audio",)
+        conversation.speak_replies = "audio" in self.output_modalities
         self.audio_formats = audio_formats
         self.input_format = options.input_format or AudioFormat()
         self.output_format = options.output_format or AudioFormat()
@@ -115,6 +116,7 @@ class RealtimeControl:
             self.voice_echo = options.voice_echo
         if options.output_modalities is not None:
             self.output_modalities = options.output_modalities
+            conv.speak_replies = "audio" in self.output_modalities
         if options.model is not None:
             self.model = options.model
         if options.input_format is not None or options.output_format is not None:

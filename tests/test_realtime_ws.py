@@ -215,3 +215,24 @@ async def test_response_on_an_empty_conversation_greets_from_the_instructions(se
         await conn.response.create()
         events = await events_until(conn, "response.done")
         assert events[-1].response.status == "completed"  # the session went on
+
+
+async def test_a_text_only_session_answers_a_spoken_turn_in_text(server):
+    """`output_modalities: ["text"]` holds for the responses server VAD starts too, not only for
+    the client's own response.create."""
+    async with client_for(server).realtime.connect(model="gpt-realtime") as conn:
+        await events_until(conn, "session.created", 20)
+        await conn.session.update(session={
+            "type": "realtime", "output_modalities": ["text"], "max_output_tokens": 30,
+            "audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000},
+                                "turn_detection": {"type": "server_vad", "silence_duration_ms": 500}}}})
+        await events_until(conn, "session.updated", 20)
+        audio = pcm24k(QUESTION)
+        for i in range(0, len(audio), 4800):
+            await conn.input_audio_buffer.append(audio=base64.b64encode(audio[i:i + 4800]).decode())
+        events = await events_until(conn, "response.done", 90)
+        types_seen = [e.type for e in events]
+        assert "conversation.item.input_audio_transcription.completed" in types_seen
+        assert "response.output_text.delta" in types_seen, types_seen
+        assert not [t for t in types_seen if t.startswith("response.output_audio")], types_seen
+        assert events[-1].response.status == "completed"

@@ -92,6 +92,8 @@ class ConversationSession:
         self.speech = speech
         self.tools: tuple[Tool, ...] = ()
         self.tool_choice: ToolChoice = AUTO
+        # Whether the responses a user turn starts (server VAD) are spoken; a text-only session says no.
+        self.speak_replies = True
         self._outputs = OutputQueue()
         self._tts_text: list[str] = []  # TTS mode: typed text waiting for create_response
         self._tasks: set[asyncio.Task] = set()
@@ -299,7 +301,8 @@ class ConversationSession:
         detection = self.turn_detection
         talking_again = self._turns.user_speaking and detection is not None and detection.interrupt_response
         if respond and self._llm is not None and not talking_again:
-            self._start_agent_response(t_speech_stopped=t_speech_stopped, t_transcript=event.t)
+            self._start_agent_response(speak=self.speak_replies, t_speech_stopped=t_speech_stopped,
+                                       t_transcript=event.t)
 
     def _start_agent_response(self, *, instructions: str | None = None, speak: bool = True,
                               voice: tuple[Reference, ...] | None = None, tools: tuple[Tool, ...] | None = None,
