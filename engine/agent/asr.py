@@ -33,19 +33,25 @@ def default_model_path() -> str:
 
 
 class Transcriber:
-    """A loaded faster-whisper model plus the single worker thread that runs it."""
+    """A loaded faster-whisper model plus the single worker thread that runs it.
 
-    def __init__(self, model, *, language: str | None = "en", beam_size: int = 1) -> None:
+    `decode_options` are extra keyword arguments for faster-whisper's `transcribe` (they override
+    the defaults below); bench/bench_asr.py measures them.
+    """
+
+    def __init__(self, model, *, language: str | None = "en", beam_size: int = 1,
+                 decode_options: dict | None = None) -> None:
         self.model = model
         self.language = language
         self.beam_size = beam_size
+        self.decode_options = dict(decode_options or {})
         # One thread: requests queue instead of fighting over the cores (and over the loop).
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="asr")
 
     @classmethod
     def load(cls, model: str | None = None, *, device: str = "cpu", compute_type: str = "int8",
              beam_size: int = 1, language: str | None = "en", cpu_threads: int = 0,
-             warm_up: bool = True) -> Transcriber:
+             warm_up: bool = True, decode_options: dict | None = None) -> Transcriber:
         """`model`: a local CTranslate2 directory, a faster-whisper size name, or None (bundled tiny.en)."""
         from faster_whisper import WhisperModel  # heavy import; only when ASR is really wanted
 
@@ -61,7 +67,7 @@ class Transcriber:
             raise ASRError(f"cannot load ASR model {source!r}: {exc}{hint}") from exc
         if not whisper.model.is_multilingual:
             language = "en"
-        transcriber = cls(whisper, language=language, beam_size=beam_size)
+        transcriber = cls(whisper, language=language, beam_size=beam_size, decode_options=decode_options)
         if warm_up:  # the first call is ~3x slower; pay it at start-up
             transcriber.transcribe_sync(np.zeros(INPUT_SAMPLE_RATE, np.float32))
         return transcriber
@@ -70,10 +76,10 @@ class Transcriber:
         pcm = as_pcm16k(pcm16k)
         if len(pcm) < MIN_SECONDS * INPUT_SAMPLE_RATE:
             return ""
-        segments, _info = self.model.transcribe(
-            pcm, language=self.language, beam_size=self.beam_size, vad_filter=False,
-            condition_on_previous_text=False, without_timestamps=True,
-        )
+        options = dict(language=self.language, beam_size=self.beam_size, vad_filter=False,
+                       condition_on_previous_text=False, without_timestamps=True)
+        options.update(self.decode_options)
+        segments, _info = self.model.transcribe(pcm, **options)
         return " ".join(seg.text.strip() for seg in segments).strip()
 
     async def transcribe(self, pcm16k: np.ndarray) -> str:

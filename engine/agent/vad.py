@@ -160,6 +160,20 @@ class TurnDetector:
     def position_ms(self) -> int:
         return _ms(self._samples_seen)
 
+    @property
+    def turn_ms(self) -> int:
+        """How much audio the turn in progress holds so far (0 between turns)."""
+        return _ms(len(self._turn) * FRAME_SAMPLES) if self._in_speech else 0
+
+    @property
+    def trailing_silence_ms(self) -> int:
+        """How long the turn in progress has been below the stop threshold (0 between turns)."""
+        return _ms(self._samples_seen - self._last_voiced_end) if self._in_speech else 0
+
+    def turn_audio(self) -> np.ndarray:
+        """The turn in progress so far: the start of what its SpeechStopped will carry."""
+        return np.concatenate(self._turn) if self._in_speech and self._turn else np.zeros(0, np.float32)
+
     def reset(self) -> None:
         """Forget any partial turn (e.g. input_audio_buffer.clear); the stream clock keeps running."""
         self._stream.reset()
