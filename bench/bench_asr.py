@@ -282,6 +282,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="only the first N utterances")
     ap.add_argument("--threads", type=int, default=0, help="CTranslate2 cpu_threads (0: its default)")
     ap.add_argument("--incremental", action="store_true")
+    ap.add_argument("--json", default=None, help="write every utterance's reference and transcript here")
     ap.add_argument("--interval-ms", type=int, default=500, help="incremental: new speech per pass")
     ap.add_argument("--pause-ms", type=int, default=100, help="incremental: a pause this long starts a pass")
     args = ap.parse_args()
@@ -304,6 +305,10 @@ def main() -> None:
         rows = run_whole(args, asr, vad, items)
         title = "whole turn"
     report(rows, title)
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps(rows, indent=1))
     counts = collections.Counter(r["turns"] for r in rows if "turns" in r)
     print(f"load after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; turns per utterance {dict(counts)}")
     asr.close()
