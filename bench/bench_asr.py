@@ -160,8 +160,8 @@ def utterances(per_sentence: int, limit: int | None) -> list[tuple[str, str, int
 
 def decode_options(args: argparse.Namespace) -> dict:
     options: dict = {}
-    if not args.temperature_fallback:
-        options["temperature"] = 0.0
+    if args.temperature_fallback:  # faster-whisper's own default
+        options["temperature"] = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
     if args.prompt:
         options["initial_prompt"] = args.prompt
     if args.hotwords:
@@ -269,7 +269,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="a CTranslate2 Whisper directory (default: bundled tiny.en)")
     ap.add_argument("--compute-type", default="int8")
-    ap.add_argument("--beam", type=int, default=1)
+    ap.add_argument("--beam", type=int, default=None, help="beam size (default: the shipped one)")
     ap.add_argument("--temperature-fallback", action="store_true",
                     help="faster-whisper's re-decoding at higher temperatures on a doubtful result")
     ap.add_argument("--prompt", default=None, help="initial_prompt")
@@ -287,15 +287,15 @@ def main() -> None:
     ap.add_argument("--pause-ms", type=int, default=100, help="incremental: a pause this long starts a pass")
     args = ap.parse_args()
 
-    from engine.agent.asr import Transcriber
+    from engine.agent.asr import DEFAULT_BEAM_SIZE, Transcriber
     from engine.agent.vad import SileroVAD
 
     options = decode_options(args)
-    asr = Transcriber.load(args.model, compute_type=args.compute_type, beam_size=args.beam,
+    asr = Transcriber.load(args.model, compute_type=args.compute_type, beam_size=args.beam or DEFAULT_BEAM_SIZE,
                            cpu_threads=args.threads, decode_options=options)
     vad = SileroVAD.load()
     items = utterances(args.per_sentence, args.limit)
-    print(f"model {args.model or 'tiny.en (bundled)'} {args.compute_type}, beam {args.beam}, options {options}, "
+    print(f"model {args.model or 'tiny.en (bundled)'} {args.compute_type}, beam {asr.beam_size}, options {options}, "
           f"pad {args.pad_ms} ms, {args.path} via {args.resampler}; cores {os.cpu_count()}")
     print(f"load before: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
     if args.incremental:

@@ -15,6 +15,8 @@ pytestmark = pytest.mark.skipif(not speechkit.espeak_available(), reason="espeak
 
 # Two sentences with a short pause (shorter than the VAD's 500 ms): one turn, long enough for
 # several passes while it is spoken.
+# Passes every interval however long one takes (the machine's load must not change what is tested).
+UNHURRIED = 10**6
 TURN = ("Please turn on the kitchen lights.", 0.3, "What is the weather going to be like tomorrow in Paris?")
 
 
@@ -54,7 +56,8 @@ async def speak_live(asr, vad, parts, **options):
         pushed = n
         for event in detector.push(piece):
             if isinstance(event, SpeechStarted):
-                live = IncrementalTranscriber(asr, on_delta=lambda d: deltas.append((pushed, d)), **options)
+                live = IncrementalTranscriber(asr, on_delta=lambda d: deltas.append((pushed, d)),
+                                              **{"budget_ms": UNHURRIED, **options})
             else:
                 stopped_at = n
                 final = await live.finish(event.audio, event.audio_end_ms - event.audio_start_ms)
@@ -105,7 +108,7 @@ async def test_a_cancelled_turn_sends_no_more_deltas(asr_and_vad):
     pcm, _ = speechkit.speech_with_gaps([0.3, *TURN])
     detector = TurnDetector(vad)
     deltas: list[str] = []
-    live = IncrementalTranscriber(asr, on_delta=deltas.append)
+    live = IncrementalTranscriber(asr, on_delta=deltas.append, budget_ms=UNHURRIED)
     pieces = speechkit.frames(pcm, 320)
     for piece in pieces:  # until the first words are sent (real-time pushes, as from a microphone)
         await asyncio.sleep(0.02)

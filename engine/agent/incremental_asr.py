@@ -4,9 +4,10 @@ Whisper costs about the same for 1 s of audio as for 10 s (it always encodes a 3
 on a small CPU the useful moment to transcribe is the start of a pause: the VAD then still waits
 `silence_duration_ms` before it ends the turn, and a pass over the audio so far, started at the
 pause, covers every word the turn will hold. `IncrementalTranscriber` therefore runs a pass over
-the growing turn audio at each pause (after `pause_ms` below the VAD's threshold) and after each
-`interval_ms` of new speech, one pass at a time on the shared ASR thread (none while one is in
-flight), and only while audio comes at about real time (a client that sends a recording at once
+the growing turn audio at each pause (after `pause_ms` below the VAD's threshold), and after each
+`interval_ms` of new speech while a pass takes no longer than the VAD's silence window (`budget_ms`:
+a slower pass still running when the turn ends would delay the final one). One pass at a time on
+the shared ASR thread (none while one is in flight), and only while audio comes at about real time (a client that sends a recording at once
 gets no passes: they would only delay the one that counts). At the end of the turn the latest pass is the final transcript if it reaches past the
 speech's end; otherwise the whole turn is transcribed, as without this class.
 
@@ -58,12 +59,13 @@ class IncrementalTranscriber:
     """One turn's transcript, kept current while the user speaks (one instance per turn)."""
 
     def __init__(self, asr: Transcriber, *, on_delta: Callable[[str], None] | None = None,
-                 interval_ms: int = 500, pause_ms: int = 100, min_ms: int = 1000) -> None:
+                 interval_ms: int = 500, pause_ms: int = 100, min_ms: int = 1000, budget_ms: int = 500) -> None:
         self._asr = asr
         self._on_delta = on_delta
         self.interval_ms = interval_ms
         self.pause_ms = pause_ms
         self.min_ms = min_ms  # the least turn audio for a pass while the user still speaks
+        self.budget_ms = budget_ms
         self._first: tuple[float, int] | None = None  # (monotonic s, turn ms) at the first update
         self._task: asyncio.Task | None = None  # the pass in flight
         self._launched_ms = 0  # how much turn audio the latest launched pass holds
@@ -88,7 +90,9 @@ class IncrementalTranscriber:
         if self._launched_ms >= speech_end_ms + min(silence_ms, self.pause_ms):
             return  # every word so far is already in a pass
         paused = silence_ms >= self.pause_ms
-        if paused or (turn_ms >= self.min_ms and turn_ms - self._launched_ms >= self.interval_ms):
+        recent = self._asr.recent_seconds
+        keeps_up = recent is None or recent * 1000 <= self.budget_ms
+        if paused or (keeps_up and turn_ms >= self.min_ms and turn_ms - self._launched_ms >= self.interval_ms):
             self._launched_ms = turn_ms
             self._task = asyncio.ensure_future(self._run_pass(detector.turn_audio()))
 

@@ -104,8 +104,10 @@ class TurnInput:
     async def _speech_started(self, event: SpeechStarted) -> None:
         self._turn_item = item_id = self._new_id("item")
         self._drop_live()
+        budget = self.turn_detection.silence_duration_ms if self.turn_detection is not None else 500
         self._live = IncrementalTranscriber(
-            self._asr, on_delta=lambda delta: self._outputs.emit(UserTranscriptDelta(item_id=item_id, delta=delta)))
+            self._asr, budget_ms=budget,
+            on_delta=lambda delta: self._outputs.emit(UserTranscriptDelta(item_id=item_id, delta=delta)))
         self._outputs.emit(UserSpeechStarted(item_id=self._turn_item, audio_start_ms=event.audio_start_ms))
         await self._on_speech_started(self._turn_item)
 
