@@ -192,10 +192,10 @@ def report(rows: list[dict], title: str) -> None:
             if sel:
                 parts.append(f"{value}: {wer([r['ref'] for r in sel], [r['hyp'] for r in sel]):.1%}")
         print(f"  per {key}: " + ", ".join(parts))
-    for name in ("asr_ms", "final_ms"):
+    for name, label in (("asr_ms", "whole-turn transcription"), ("final_ms", "end of turn -> final transcript")):
         times = [r[name] for r in rows if name in r]
         if times:
-            print(f"  {name}: median {statistics.median(times):.0f} ms, p90 {percentile(times, 90):.0f} ms")
+            print(f"  {label}: median {statistics.median(times):.0f} ms, p90 {percentile(times, 90):.0f} ms")
     worst = sorted(rows, key=lambda r: -wer([r["ref"]], [r["hyp"]]))[:6]
     for r in worst:
         if wer([r["ref"]], [r["hyp"]]) > 0:
@@ -259,7 +259,8 @@ async def run_incremental(args, asr, vad, items) -> list[dict]:
         note += "" if row["whole"] == row["hyp"] else f" whole pass {row['whole']!r} != final {row['hyp']!r}"
         print(f"  {voice:>10} {speed}: end of turn -> final {row['final_ms']:4.0f} ms (whole pass "
               f"{row['asr_ms']:4.0f} ms), {row['passes']} passes, reused {row['reused']}{note}")
-    print(f"  whole-turn passes over the same audio: WER {wer([r['ref'] for r in rows], [r['whole'] for r in rows]):.1%}; "
+    whole_wer = wer([r["ref"] for r in rows], [r["whole"] for r in rows])
+    print(f"  whole-turn passes over the same audio: WER {whole_wer:.1%}; "
           f"final reused a live pass in {sum(r['reused'] for r in rows)}/{len(rows)}; deltas add up to the final in "
           f"{sum(r['deltas'] == r['hyp'] for r in rows)}/{len(rows)}")
     return rows

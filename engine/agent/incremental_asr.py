@@ -5,11 +5,12 @@ on a small CPU the useful moment to transcribe is the start of a pause: the VAD 
 `silence_duration_ms` before it ends the turn, and a pass over the audio so far, started at the
 pause, covers every word the turn will hold. `IncrementalTranscriber` therefore runs a pass over
 the growing turn audio at each pause (after `pause_ms` below the VAD's threshold), and after each
-`interval_ms` of new speech while a pass takes no longer than the VAD's silence window (`budget_ms`:
-a slower pass still running when the turn ends would delay the final one). One pass at a time on
-the shared ASR thread (none while one is in flight), and only while audio comes at about real time (a client that sends a recording at once
-gets no passes: they would only delay the one that counts). At the end of the turn the latest pass is the final transcript if it reaches past the
-speech's end; otherwise the whole turn is transcribed, as without this class.
+`interval_ms` of new speech while passes fit the VAD's silence window (`budget_ms`: a slower pass
+still running when the turn ends would delay the final one). One pass at a time on the shared
+ASR thread (none while one is in flight), and only while audio comes at about real time (a client
+that sends a recording at once gets no passes: they would only delay the one that counts). At the
+end of the turn the latest pass is the final transcript if it reaches past the speech's end;
+otherwise the whole turn is transcribed, as without this class.
 
 Deltas follow local agreement: words that two consecutive passes agree on are final and are sent
 (`on_delta`), so a delta is never taken back; the rest of the final transcript follows at the end.
