@@ -2,7 +2,8 @@
 
   spoken turn: the end of the user's speech (appends are paced in real time, 20 ms each, as a
   microphone would send them) -> the first `response.output_audio.delta` (voice-to-voice at the
-  client); also -> speech_stopped, -> transcript, -> first transcript delta, and the server's own
+  client); also -> speech_stopped, -> the first input transcription delta (negative when it came
+  while the user spoke), -> transcript, -> first transcript delta, and the server's own
   stage latencies (from its end-of-turn decision) in `response.done`;
   text turn: `response.create` -> first `response.output_audio.delta`.
 
@@ -69,6 +70,7 @@ async def spoken_turn(conn, audio: bytes, tail: float) -> dict[str, float]:
         async for event in conn:
             now = time.monotonic()
             key = {"input_audio_buffer.speech_stopped": "speech_stopped",
+                   "conversation.item.input_audio_transcription.delta": "input_delta",  # < 0: while speaking
                    "conversation.item.input_audio_transcription.completed": "transcript",
                    "response.output_audio_transcript.delta": "first_token",
                    "response.output_audio.delta": "first_audio"}.get(event.type)
@@ -130,7 +132,7 @@ async def main(args: argparse.Namespace) -> None:
                 spoken.append(await spoken_turn(conn, audio, tail))
                 typed.append(await text_turn(conn))
         print(f"openai SDK over GET /v1/realtime, {args.runs} runs, turn_detection={turn_detection(args)}")
-        for key in ["speech_stopped", "transcript", "first_token", "first_audio", "server_transcript",
+        for key in ["speech_stopped", "input_delta", "transcript", "first_token", "first_audio", "server_transcript",
                     "server_first_token", "server_first_audio"]:
             values = [m[key] for m in spoken if key in m]
             # The client's marks count from the end of speech; the server's from its end-of-turn decision.

@@ -89,3 +89,22 @@ def test_missing_model_directory_is_a_clear_error(tmp_path):
     empty.mkdir()
     with pytest.raises(ASRError, match="cannot load ASR model"):
         Transcriber.load(str(empty))
+
+
+# Varied espeak-ng voices and speeds (bench/bench_asr.py measures the same over 72 utterances).
+# The shipped config gets 1 word of 39 wrong here ("Tokyo" -> "to kill", 5 %); the bound leaves room
+# for a library update's small drift but not for a real regression.
+WER_BOUND_VARIED = 0.15
+VARIED = (
+    ("What time is it in Tokyo right now?", "en-gb-x-rp", 175),
+    ("Can you book a table for four people on Friday?", "en", 140),
+    ("Is the museum in Berlin open on Sunday?", "en-us", 210),
+    ("Please turn on the kitchen lights.", "en-us+f3", 175),
+    ("Who wrote the novel Pride and Prejudice?", "en-us", 140),
+)
+
+
+async def test_wer_over_varied_voices_and_speeds(asr):
+    hypotheses = [await asr.transcribe(speechkit.espeak_wav(text, rate, voice)) for text, voice, rate in VARIED]
+    corpus = speechkit.wer([t for t, _, _ in VARIED], hypotheses)
+    assert corpus <= WER_BOUND_VARIED, list(zip(VARIED, hypotheses))

@@ -140,6 +140,44 @@ async def test_spoken_turn_with_the_openai_sdk_gives_transcript_reply_text_and_a
         assert (await events_until(conn, "conversation.item.deleted", 20))[-1].item_id == user_item
 
 
+async def test_live_speech_gets_transcription_deltas_that_add_up_to_the_completed_transcript(server):
+    """Speech appended in real time (20 ms every 20 ms): the input transcription deltas arrive in
+    order, for the spoken item, before `completed`, and together they are its transcript."""
+    spoken = ("Please turn on the kitchen lights.", "What is the weather going to be like tomorrow in Paris?")
+    async with client_for(server).realtime.connect(model="gpt-realtime") as conn:
+        await events_until(conn, "session.created", 20)
+        await conn.session.update(session={
+            "type": "realtime", "output_modalities": ["text"], "max_output_tokens": 8,
+            "audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000},
+                                "turn_detection": {"type": "server_vad", "silence_duration_ms": 500}}}})
+        await events_until(conn, "session.updated", 20)
+        pcm16k, _ = speechkit.speech_with_gaps([0.3, spoken[0], 0.3, spoken[1], 1.0])
+        import av
+
+        frame = av.AudioFrame.from_ndarray((pcm16k * 32767).astype(np.int16).reshape(1, -1), format="s16",
+                                           layout="mono")
+        frame.sample_rate = 16_000
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=24_000)
+        audio = np.concatenate([f.to_ndarray().reshape(-1) for f in
+                                [*resampler.resample(frame), *resampler.resample(None)]]).astype("<i2").tobytes()
+        events: list = []
+        reader = asyncio.ensure_future(events_until(conn, "conversation.item.input_audio_transcription.completed",
+                                                    120, seen=events))
+        chunk, t0 = 24_000 * 2 // 50, time.monotonic()
+        for n, i in enumerate(range(0, len(audio), chunk)):
+            await asyncio.sleep(max(0.0, t0 + n * 0.02 - time.monotonic()))
+            await conn.input_audio_buffer.append(audio=base64.b64encode(audio[i:i + chunk]).decode())
+        await reader
+        completed = events[-1]
+        deltas = [e for e in events if e.type == "conversation.item.input_audio_transcription.delta"]
+        assert deltas, [e.type for e in events]
+        assert all(d.item_id == completed.item_id and d.content_index == 0 for d in deltas)
+        assert "".join(d.delta for d in deltas) == completed.transcript, (deltas, completed.transcript)
+        assert speechkit.wer(" ".join(spoken), completed.transcript) <= 0.2, completed.transcript
+        started = next(i for i, e in enumerate(events) if e.type == "input_audio_buffer.speech_started")
+        assert events.index(deltas[0]) > started
+
+
 async def test_bad_events_get_error_events_and_the_session_goes_on(server):
     async with client_for(server).realtime.connect(model="anything") as conn:
         await events_until(conn, "session.created", 20)

@@ -165,11 +165,20 @@ class TurnDetector:
         """How long the turn in progress has been quiet (0 outside a turn)."""
         return _ms(self._samples_seen - self._last_voiced_end) if self._in_speech else 0
 
-    def turn_audio(self, max_samples: int) -> np.ndarray:
-        """The last `max_samples` (at most) of the turn in progress, prefix padding included."""
+    @property
+    def turn_ms(self) -> int:
+        """How much audio the turn in progress holds so far (0 between turns)."""
+        return _ms(len(self._turn) * FRAME_SAMPLES) if self._in_speech else 0
+
+    def turn_audio(self, max_samples: int | None = None) -> np.ndarray:
+        """The turn in progress so far, prefix padding included (the start of what its
+        SpeechStopped will carry); only its last `max_samples` when given."""
+        if not (self._in_speech and self._turn):
+            return np.zeros(0, np.float32)
+        if max_samples is None:
+            return np.concatenate(self._turn)
         n_frames = -(-max_samples // FRAME_SAMPLES)  # ceil
-        frames = self._turn[-n_frames:] if n_frames else []
-        return np.concatenate(frames)[-max_samples:] if frames else np.zeros(0, np.float32)
+        return np.concatenate(self._turn[-n_frames:])[-max_samples:] if n_frames else np.zeros(0, np.float32)
 
     def reset(self) -> None:
         """Forget any partial turn (e.g. input_audio_buffer.clear); the stream clock keeps running."""

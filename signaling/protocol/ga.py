@@ -4,7 +4,7 @@ The conversation speaks in typed events (`engine.agent.conversation.events`); `s
 maps each to its base event. This layer adds what the GA protocol builds around them: conversation
 items (`conversation.item.added` / `done`), the response's output item and content part
 (`response.output_item.*`, `response.content_part.*`), the GA response object with `output` and
-`usage`, input transcription deltas, indices on every delta, and on a WebSocket the audio itself
+`usage`, indices on every delta, and on a WebSocket the audio itself
 (`response.output_audio.delta` / `done`, base64 in the session's output format). The
 `output_audio_buffer.*` events exist on WebRTC only, as in the GA API.
 """
@@ -129,9 +129,7 @@ class RealtimeEvents:
                 base["content_index"] = 0
                 item = {"id": event.item_id, "object": "realtime.item", "type": "message", "status": "completed",
                         "role": "user", "content": [{"type": "input_audio", "transcript": event.transcript}]}
-                delta = self._build("conversation.item.input_audio_transcription.delta", event,
-                                    {"item_id": event.item_id, "content_index": 0, "delta": event.transcript})
-                return [delta, base, self._build("conversation.item.done", event, {"item": item})]
+                return [base, self._build("conversation.item.done", event, {"item": item})]
             case conv.ResponseCreated():
                 return self._response_created(event, base)
             case conv.ResponseTextDelta():

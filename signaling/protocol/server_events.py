@@ -87,6 +87,9 @@ def wire_payload(event: conv.ConversationEvent) -> tuple[str, dict[str, Any]]:
                                                          "item_id": event.item_id}
         case conv.UserAudioCommitted():
             return "input_audio_buffer.committed", {"item_id": event.item_id}
+        case conv.UserTranscriptDelta():
+            return "conversation.item.input_audio_transcription.delta", {
+                "item_id": event.item_id, "content_index": 0, "delta": event.delta}
         case conv.UserTranscript():
             return "conversation.item.input_audio_transcription.completed", {
                 "item_id": event.item_id, "transcript": event.transcript,

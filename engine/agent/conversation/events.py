@@ -71,6 +71,15 @@ class UserAudioCommitted(ConversationEvent):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class UserTranscriptDelta(ConversationEvent):
+    """More of a turn's transcript, final as far as it goes: the deltas of a turn, in order, add up
+    to its UserTranscript (which wins if the last pass rewrote a word already sent)."""
+
+    item_id: str
+    delta: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class UserTranscript(ConversationEvent):
     item_id: str
     transcript: str

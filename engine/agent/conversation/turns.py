@@ -10,10 +10,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from engine.agent.conversation.events import (INPUT_SAMPLE_RATE, TurnDetection, UserAudioCommitted,
-                                              UserSpeechStarted, UserSpeechStopped, UserTranscript)
+                                              UserSpeechStarted, UserSpeechStopped, UserTranscript,
+                                              UserTranscriptDelta)
 from engine.agent.conversation.outputs import OutputQueue
 from engine.agent.conversation.playout import ms
-from engine.agent.smart_turn import SemanticEndOfTurn, SemanticTurnDetection
+from engine.agent.incremental_asr import IncrementalTranscriber
+from engine.agent.smart_turn import FIRST_CHECK_MS, SemanticEndOfTurn, SemanticTurnDetection
 from engine.agent.vad import MAX_TURN_SECONDS, SpeechStarted, SpeechStopped, TurnDetector, as_pcm16k
 
 if TYPE_CHECKING:
@@ -50,6 +52,7 @@ class TurnInput:
         self._manual_buffer: list[np.ndarray] = []
         self._asr_lock = asyncio.Lock()  # turns are transcribed, and answered, in spoken order
         self._turn_item: str | None = None
+        self._live: IncrementalTranscriber | None = None  # the open turn's transcript, while it is spoken
 
     def check(self, turn_detection: TurnDetection | SemanticTurnDetection | None) -> None:
         if isinstance(turn_detection, SemanticTurnDetection) and self._smart_turn is None:
@@ -63,6 +66,7 @@ class TurnInput:
         self.turn_detection = turn_detection
         params = turn_detection.silence_params() if semantic else turn_detection
         if params is None:
+            self._drop_live()
             self._detector = None
         elif self._detector is None:
             self._detector = TurnDetector(self._vad_model, params)
@@ -90,6 +94,8 @@ class TurnInput:
                 await self._speech_started(event)
             else:
                 self._speech_stopped(event)
+        if self._live is not None and self._detector.in_speech:
+            self._live.update(self._detector)
 
     async def commit(self) -> None:
         if self._detector is not None:
@@ -108,11 +114,22 @@ class TurnInput:
 
     def clear(self) -> None:
         self._manual_buffer = []
+        self._drop_live()
         if self._detector is not None:
             self._detector.reset()
 
     async def _speech_started(self, event: SpeechStarted) -> None:
-        self._turn_item = self._new_id("item")
+        self._turn_item = item_id = self._new_id("item")
+        self._drop_live()
+        # How long the turn's end waits after speech: a pass that takes longer would delay the final.
+        detection = self.turn_detection
+        if isinstance(detection, SemanticTurnDetection):
+            budget = 2 * FIRST_CHECK_MS  # Smart Turn decides at the first short pause
+        else:
+            budget = detection.silence_duration_ms if detection is not None else 500
+        self._live = IncrementalTranscriber(
+            self._asr, budget_ms=budget,
+            on_delta=lambda delta: self._outputs.emit(UserTranscriptDelta(item_id=item_id, delta=delta)))
         self._outputs.emit(UserSpeechStarted(item_id=self._turn_item, audio_start_ms=event.audio_start_ms))
         await self._on_speech_started(self._turn_item)
 
@@ -122,12 +139,26 @@ class TurnInput:
         t_stopped = time.monotonic()
         self._outputs.emit(UserSpeechStopped(item_id=item_id, audio_end_ms=event.audio_end_ms))
         respond = self.turn_detection is not None and self.turn_detection.create_response
-        self._spawn(self._transcribe(event.audio, item_id, t_stopped, respond=respond))
+        live, self._live = self._live, None
+        speech_end_ms = event.audio_end_ms - event.audio_start_ms
+        self._spawn(self._transcribe(event.audio, item_id, t_stopped, respond=respond, live=live,
+                                     speech_end_ms=speech_end_ms))
 
-    async def _transcribe(self, pcm: np.ndarray, item_id: str, t_stopped: float, *, respond: bool) -> None:
+    def _drop_live(self) -> None:
+        if self._live is not None:
+            self._live.cancel()
+            self._live = None
+
+    async def _transcribe(self, pcm: np.ndarray, item_id: str, t_stopped: float, *, respond: bool,
+                          live: IncrementalTranscriber | None = None, speech_end_ms: int = 0) -> None:
         async with self._asr_lock:
             try:
-                transcript = await self._asr.transcribe(pcm)
+                if live is not None:  # it sends the transcript's last delta itself
+                    transcript = await live.finish(pcm, speech_end_ms)
+                else:
+                    transcript = await self._asr.transcribe(pcm)
+                    if transcript:
+                        self._outputs.emit(UserTranscriptDelta(item_id=item_id, delta=transcript))
             except Exception as exc:  # noqa: BLE001 - the session survives a failed turn
                 log.exception("transcription failed")
                 self._outputs.error("server_error", "transcription_failed", f"transcription failed: {exc}",
