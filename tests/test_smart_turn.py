@@ -201,11 +201,11 @@ async def test_semantic_vad_without_the_model_is_refused_before_anything_changes
 
 
 @needs_espeak
-async def test_switching_to_semantic_vad_mid_turn_keeps_the_turn(vad, smart_turn):
+async def test_switching_to_semantic_vad_mid_turn_keeps_the_turn(models):
     from engine.agent.conversation import ConversationSession
 
-    conv = ConversationSession(tts=None, asr=None, llm=None, vad_model=vad, smart_turn=smart_turn,  # type: ignore[arg-type]
-                               mode="tts")
+    conv = ConversationSession(tts=None, asr=models.asr, llm=None, vad_model=models.vad,
+                               smart_turn=models.smart_turn, mode="tts")
     pcm = spoken(COMPLETE, tail=0.0)
     await conv.push_audio(pcm[:len(pcm) // 2])
     assert conv._turns.user_speaking
