@@ -181,6 +181,15 @@ def client_lateness(arrivals: list[float], after: float) -> float:
 
 
 # ---------------------------------------------------------------------------- concurrency
+async def finished(client, event: str, timeout: float) -> dict | None:
+    """The client's first `event`, or None when it never came (the call is then a failed one)."""
+    try:
+        return await client.wait_for(event, timeout=timeout)
+    except AssertionError as exc:
+        print(f"  (a call failed: {exc})", flush=True)
+        return None
+
+
 async def concurrent_calls(url: str, server_pid: int, calls: int, seconds: float, listen_seconds: float,
                            idle_rate: float) -> dict:
     """`calls` callers at once: first only listening (mic in, VAD), then each asking for `seconds`
@@ -204,9 +213,8 @@ async def concurrent_calls(url: str, server_pid: int, calls: int, seconds: float
         for i, client in enumerate(clients):
             client.send({"type": "tts.request", "text": "This call measures how many callers one server can serve.",
                          "sampling": {"max_new_tokens": frames, "seed": i}})
-        done = await asyncio.gather(*(c.wait_for("response.done", timeout=60 + 4 * seconds * calls)
-                                      for c in clients))
-        await asyncio.gather(*(c.wait_for("output_audio_buffer.stopped", timeout=60) for c in clients))
+        done = await asyncio.gather(*(finished(c, "response.done", 60 + 4 * seconds * calls) for c in clients))
+        await asyncio.gather(*(finished(c, "output_audio_buffer.stopped", 60) for c in clients))
         speak_wall, speak_server, speak_client = meter.read()
         load_speak = os.getloadavg()[0]
         await asyncio.sleep(0.3)
@@ -214,10 +222,13 @@ async def concurrent_calls(url: str, server_pid: int, calls: int, seconds: float
         async with aiohttp.ClientSession() as http:
             for client in clients:
                 async with http.get(url + client.location) as resp:
-                    stats.append((await resp.json())["outbound"])
+                    if resp.status == 200:  # a call that ended early is gone (and counted as missing)
+                        stats.append((await resp.json())["outbound"])
     finally:
         await asyncio.gather(*(c.hang_up() for c in clients), return_exceptions=True)
     ttfa = [c.sink.first_audible(after=t0) - t0 for c in clients if c.sink.first_audible(after=t0)]
+    missing = sum(d is None for d in done)  # calls whose response never finished (counted, not fatal)
+    done = [d or {"audio_seconds": 0.0, "response": {"status": "missing"}} for d in done]
     spans = []
     for client, d in zip(clients, done):
         first, last = client.sink.first_audible(after=t0), client.sink.last_audible()
@@ -229,15 +240,16 @@ async def concurrent_calls(url: str, server_pid: int, calls: int, seconds: float
     client_late_ms = max(client_lateness(c.sink.arrivals, t0) for c in clients) * 1000.0
     # Speaking = what the speaking phase cost beyond the same calls merely listening.
     speak_extra = speak_server - listen_rate * speak_wall
-    return {"calls": calls, "ttfa": ttfa, "underrun_frames": underruns, "late_frames": late,
+    return {"calls": calls, "ttfa": ttfa, "missing": missing, "underrun_frames": underruns, "late_frames": late,
             "late_frames_60ms": very_late, "frames": sum(s["frames"] for s in stats),
-            "max_lateness_ms": max(s["max_lateness_ms"] for s in stats), "client_max_lateness_ms": client_late_ms,
+            "max_lateness_ms": max((s["max_lateness_ms"] for s in stats), default=0.0),
+            "client_max_lateness_ms": client_late_ms,
             "stretch": max(spans) if spans else None, "audio_seconds": audio_seconds,
             "listen_cpu_per_call_s": (listen_rate - idle_rate) / calls,
             "speak_cpu_per_audio_s": speak_extra / audio_seconds if audio_seconds else None,
             "server_cpu_speaking": speak_server / speak_wall, "client_cpu_speaking": speak_client / speak_wall,
             "client_cpu_listening": listen_client / listen_wall, "load": (load_listen, load_speak),
-            "ok": (underruns == 0 and very_late == 0 and client_late_ms <= 60.0
+            "ok": (not missing and underruns == 0 and very_late == 0 and client_late_ms <= 60.0
                    and all(d["response"]["status"] == "completed" for d in done))}
 
 
@@ -246,7 +258,8 @@ async def run(args: argparse.Namespace, url: str, server_pid: int) -> None:
     from rtc_client import force_loopback_ice
 
     force_loopback_ice()
-    print(f"server: {url}, pid {server_pid} (checkpoint: {args.checkpoint or 'tiny random s1-mini'}, device {args.device})")
+    print(f"server: {url}, pid {server_pid} (checkpoint: {args.checkpoint or 'tiny random s1-mini'}, "
+          f"device {args.device})")
     if args.turns:
         v2v = await voice_to_voice(url, args.turns, args.frames)
         print(f"voice-to-voice (end of speech -> first reply audio, at the client): median "
@@ -268,11 +281,12 @@ async def run(args: argparse.Namespace, url: str, server_pid: int) -> None:
     for calls in args.concurrency:
         r = await concurrent_calls(url, server_pid, calls, args.seconds, args.listen_seconds, idle)
         speak = f"{r['speak_cpu_per_audio_s']:.3f}" if r["speak_cpu_per_audio_s"] is not None else "n/a"
+        verdict = "OK" if r["ok"] else "NOT sustained" + (f" ({r['missing']} unfinished)" if r["missing"] else "")
         print(f"  {calls:5d} | {r['underrun_frames']:8d} | {r['late_frames_60ms']:4d}/{r['frames']:<5d}| "
-              f"{r['max_lateness_ms']:6.0f} / {r['client_max_lateness_ms']:4.0f} ms      | {median_ms(r['ttfa']):>10} | "
-              f"{r['listen_cpu_per_call_s']:8.4f}  {speak:>9} | {r['server_cpu_speaking']:4.2f} / "
-              f"{r['client_cpu_speaking']:4.2f}            | {r['load'][1]:4.2f} | {'OK' if r['ok'] else 'NOT sustained'}",
-              flush=True)
+              f"{r['max_lateness_ms']:6.0f} / {r['client_max_lateness_ms']:4.0f} ms      | "
+              f"{median_ms(r['ttfa']):>10} | {r['listen_cpu_per_call_s']:8.4f}  {speak:>9} | "
+              f"{r['server_cpu_speaking']:4.2f} / {r['client_cpu_speaking']:4.2f}            | "
+              f"{r['load'][1]:4.2f} | {verdict}", flush=True)
         if not r["ok"]:
             failed = True
         elif not failed:
