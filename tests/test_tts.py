@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.speech.tts import AHEAD_SECONDS, PushCadence, TTSEngine, TTSInputError
+from engine.speech.tts import AHEAD_SECONDS, PushCadence, TTSEngine, TTSInputError, model_threads
 from engine.speech.types import Reference, SamplingOptions, TTSRequest
 
 GREEDY8 = SamplingOptions(greedy=True, max_new_tokens=8)
@@ -95,6 +95,15 @@ def test_push_cadence_grows_only_while_the_listener_is_ahead():
     fixed = PushCadence(3, 3, clock=lambda: now[0])
     fixed.emitted(10.0)
     assert fixed.due(3), "a fixed cadence never grows"
+
+
+def test_model_threads_leave_the_event_loop_a_core_on_cpu():
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    assert model_threads(torch.device("cpu")) == max(1, cores - 1)
+    assert model_threads(torch.device("cpu"), 3) == 3  # an explicit count wins
+    assert model_threads(torch.device("cuda")) is None  # a GPU keeps torch's default
 
 
 async def test_reference_audio_is_encoded_once_and_cached(tts_engine):
