@@ -74,6 +74,7 @@ class OpusFrames:
         if silent and self._silence is not None:
             data = self._silence
         else:
+            # libopus gives one packet per 20 ms frame at once (its lookahead shows only in pts).
             data = b"".join(bytes(p) for p in self._codec.encode(frame))
             self.encoded += 1
             if not silent:
