@@ -101,7 +101,8 @@ def _load_tts(settings: Settings):
     from engine.speech.tts import TTSEngine
 
     return TTSEngine.load(settings.checkpoint, device=settings.device, dtype=settings.dtype,
-                          decode_slots=settings.decode_slots, quantize=settings.quantize)
+                          decode_slots=settings.decode_slots, quantize=settings.quantize,
+                          threads=settings.torch_threads)
 
 
 def _load_asr(settings: Settings):

@@ -5,7 +5,8 @@ stereo), resamples it with one `av.AudioResampler` to 16 kHz mono float32 and ha
 Out: `OutboundAudioTrack` is the one audio track a call sends: 20 ms 48 kHz frames paced on the
 wall clock, silence when idle, TTS chunks (44.1 kHz) resampled as they arrive. A barge-in
 flushes queued audio at once; frame timestamps simply keep counting, so the receiver's jitter
-buffer never sees a jump (the "silent after interruption" bug of other stacks).
+buffer never sees a jump (the "silent after interruption" bug of other stacks). The track hands
+aiortc Opus packets it encoded itself (`OpusFrames`), which aiortc sends as they are.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ FRAME_SAMPLES = 960  # 20 ms at 48 kHz
 FRAME_SECONDS = FRAME_SAMPLES / OUTPUT_RATE
 _TIME_BASE = fractions.Fraction(1, OUTPUT_RATE)
 MAX_LAG_SECONDS = 0.2  # behind the clock by more than this (a stalled loop): re-anchor, don't burst
+OPUS_BITRATE = 64_000  # mono speech; aiortc's own encoder spends 96 kb/s on a stereo upmix of it
 
 
 @dataclasses.dataclass
@@ -44,8 +46,52 @@ class OutboundStats:
     cleared_seconds: float = 0.0  # queued audio dropped by barge-in / cancel
 
 
+class OpusFrames:
+    """20 ms mono s16 frames at 48 kHz -> Opus packets stamped with the frame's timestamp.
+
+    Encoding inline on the loop costs ~0.1 ms a frame. aiortc's own path cost several times
+    that per frame and call: a thread-pool hop for every frame, an upmix to stereo, and an audio
+    level computed sample by sample in Python. Idle silence is cheaper still: once the encoder
+    has settled on silence (two zero frames gave the same packet), that packet is reused
+    without encoding, as the encoder would have produced it again.
+    """
+
+    def __init__(self, bitrate: int = OPUS_BITRATE) -> None:
+        self._codec = av.CodecContext.create("libopus", "w")
+        self._codec.bit_rate = bitrate
+        self._codec.format = "s16"
+        self._codec.layout = "mono"
+        self._codec.sample_rate = OUTPUT_RATE
+        self._codec.time_base = _TIME_BASE
+        self._codec.options = {"application": "voip"}  # aiortc's choice; it also settles fastest on silence
+        self._last_silent: bytes | None = None  # the packet of the last all-zero frame
+        self._silence: bytes | None = None  # the settled encoder's packet for an all-zero frame
+        self.encoded = 0  # frames that went through the encoder (the rest reused the silence packet)
+
+    def encode(self, frame: av.AudioFrame, pcm: np.ndarray) -> av.Packet:
+        """`frame` carries `pcm` (its samples, to test for silence without a copy)."""
+        silent = not pcm.any()
+        if silent and self._silence is not None:
+            data = self._silence
+        else:
+            # libopus gives one packet per 20 ms frame at once (its lookahead shows only in pts).
+            data = b"".join(bytes(p) for p in self._codec.encode(frame))
+            self.encoded += 1
+            if not silent:
+                self._last_silent = self._silence = None
+            elif data == self._last_silent:
+                self._silence = data
+            else:
+                self._last_silent = data
+        packet = av.Packet(data)
+        packet.pts = frame.pts
+        packet.time_base = _TIME_BASE
+        return packet
+
+
 class OutboundAudioTrack(MediaStreamTrack):
-    """The call's outgoing audio. `push` queues a response's PCM; `recv` is aiortc's pull side.
+    """The call's outgoing audio. `push` queues a response's PCM; `recv` is aiortc's pull side
+    (Opus packets), `next_frame` the same paced PCM frames before encoding.
 
     `on_played(response_id, seconds)` is called as each frame goes out with the total seconds of
     that response's audio sent so far (what the conversation keeps as "heard" on barge-in).
@@ -64,6 +110,7 @@ class OutboundAudioTrack(MediaStreamTrack):
         self._open: set[str] = set()  # responses with audio that have not ended yet
         self._start: float | None = None
         self._pts = 0
+        self._opus = OpusFrames()
         self.stats = OutboundStats()
 
     # ------------------------------------------------------------------ producer side
@@ -123,7 +170,15 @@ class OutboundAudioTrack(MediaStreamTrack):
                 self._queued += samples.size
 
     # ------------------------------------------------------------------ aiortc side
-    async def recv(self) -> av.AudioFrame:
+    async def recv(self) -> av.Packet:
+        frame, pcm = await self._next()
+        return self._opus.encode(frame, pcm)
+
+    async def next_frame(self) -> av.AudioFrame:
+        """The next paced 20 ms frame (s16 mono 48 kHz), as `recv` would encode it."""
+        return (await self._next())[0]
+
+    async def _next(self) -> tuple[av.AudioFrame, np.ndarray]:
         if self.readyState != "live":
             raise MediaStreamError
         await self._pace()
@@ -141,7 +196,7 @@ class OutboundAudioTrack(MediaStreamTrack):
         frame.sample_rate = OUTPUT_RATE
         frame.pts = self._pts
         frame.time_base = _TIME_BASE
-        return frame
+        return frame, frame_pcm
 
     async def _pace(self) -> None:
         now = time.monotonic()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.speech.tts import TTSEngine, TTSInputError
+from engine.speech.tts import AHEAD_SECONDS, PushCadence, TTSEngine, TTSInputError, model_threads
 from engine.speech.types import Reference, SamplingOptions, TTSRequest
 
 GREEDY8 = SamplingOptions(greedy=True, max_new_tokens=8)
@@ -58,6 +58,52 @@ async def test_streamed_audio_equals_whole_decode_of_the_same_codes(tts_engine):
         whole = m.codec.decode(codes).float().numpy().reshape(-1)
     assert streamed.shape == whole.shape
     assert np.abs(streamed - whole).max() < 1e-4
+
+
+async def test_default_cadence_starts_small_and_streams_the_whole_decode(tts_engine):
+    """Without a request cadence the pushes may grow; the audio is still exactly the whole decode."""
+    from engine.fish.generate import generate_codes
+    from engine.fish.prompt import build_prompt
+
+    m = tts_engine.models
+    sampling = SamplingOptions(greedy=True, max_new_tokens=40)
+    chunks = await _collect(tts_engine, TTSRequest(text="Cadence check.", sampling=sampling, normalize=False))
+    frames = [c.frames for c in chunks]
+    assert frames[0] == tts_engine.stream_every_frames and max(frames) <= tts_engine.max_stream_frames
+    prompt = build_prompt(m.tokenizer, m.family, "Cadence check.", references=[], history=[],
+                          num_codebooks=m.config.num_codebooks)
+    codes = await asyncio.wrap_future(tts_engine.worker.call(
+        lambda: generate_codes(m.runner, torch.as_tensor(prompt), sampling, 40)))
+    with torch.inference_mode():
+        whole = m.codec.decode(codes).float().numpy().reshape(-1)
+    streamed = np.concatenate([c.pcm for c in chunks])
+    assert sum(frames) == codes.shape[1] and streamed.shape == whole.shape
+    assert np.abs(streamed - whole).max() < 1e-4
+
+
+def test_push_cadence_grows_only_while_the_listener_is_ahead():
+    now = [100.0]
+    cadence = PushCadence(2, 8, clock=lambda: now[0])
+    assert not cadence.due(1) and cadence.due(2)  # nothing emitted yet: every 2 frames
+    cadence.emitted(0.2)
+    now[0] += 0.05
+    assert cadence.due(2), "0.15 s ahead of playback: keep pushing small"
+    cadence.emitted(AHEAD_SECONDS + 0.2)
+    assert not cadence.due(2) and not cadence.due(7) and cadence.due(8), "well ahead: up to 8 frames a push"
+    now[0] += 0.6  # generation stalled while playback went on: the lead is under the margin again
+    assert cadence.due(2)
+    fixed = PushCadence(3, 3, clock=lambda: now[0])
+    fixed.emitted(10.0)
+    assert fixed.due(3), "a fixed cadence never grows"
+
+
+def test_model_threads_leave_the_event_loop_a_core_on_cpu():
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    assert model_threads(torch.device("cpu")) == max(1, cores - 1)
+    assert model_threads(torch.device("cpu"), 3) == 3  # an explicit count wins
+    assert model_threads(torch.device("cuda")) is None  # a GPU keeps torch's default
 
 
 async def test_reference_audio_is_encoded_once_and_cached(tts_engine):

@@ -1,6 +1,7 @@
 """The call's audio tracks on their own: pacing, resampling, flush on barge-in, played-time reports.
 
-These drive `OutboundAudioTrack.recv` the way aiortc's sender does and `InboundAudio` with
+These drive `OutboundAudioTrack` the way aiortc's sender does (its PCM frames before encoding,
+and the Opus packets `recv` hands aiortc) and `InboundAudio` with
 frames shaped like aiortc's Opus decoder output (48 kHz packed stereo s16), so the transport
 logic is checked without a network. Audio content is synthetic tones: what is tested is that
 the transport carries it faithfully, not what a model says.
@@ -30,7 +31,16 @@ def dominant_frequency(pcm: np.ndarray, rate: int) -> float:
 
 
 async def pull(track: OutboundAudioTrack, n: int) -> list[av.AudioFrame]:
-    return [await track.recv() for _ in range(n)]
+    return [await track.next_frame() for _ in range(n)]
+
+
+def decode_opus(packets: list[av.Packet]) -> np.ndarray:
+    """What a receiver hears: the packets through a stereo Opus decoder (as aiortc and browsers
+    set it up), channels averaged, as float32."""
+    decoder = av.CodecContext.create("libopus", "r")
+    decoder.sample_rate, decoder.layout, decoder.format = 48_000, "stereo", "s16"
+    out = [f.to_ndarray().reshape(-1, 2).mean(axis=1) for p in packets for f in decoder.decode(p)]
+    return np.concatenate(out).astype(np.float32) / 32768.0
 
 
 def samples(frames: list[av.AudioFrame]) -> np.ndarray:
@@ -66,6 +76,29 @@ async def test_outbound_resamples_tts_chunks_faithfully():
     assert abs(dominant_frequency(body, OUTPUT_RATE) - 440.0) < 2.0
     assert abs(np.sqrt(np.mean(body ** 2)) - 0.5 / np.sqrt(2)) < 0.01
     assert track.stats.audio_frames == 50 and track.stats.underruns == 0
+
+
+async def test_outbound_packets_are_opus_that_decodes_to_the_pushed_audio():
+    track = OutboundAudioTrack()
+    idle = [await track.recv() for _ in range(10)]
+    assert track._opus.encoded < 5, "settled silence reuses its packet instead of encoding"
+    track.push("resp_1", tone(440.0, 0.6, 44_100), 44_100)
+    track.end_response("resp_1")
+    spoken = [await track.recv() for _ in range(40)]
+    packets = idle + spoken
+    assert all(isinstance(p, av.Packet) for p in packets)
+    assert [p.pts for p in packets] == [i * FRAME_SAMPLES for i in range(50)]
+    assert all(p.time_base == fractions.Fraction(1, 48000) for p in packets)
+    heard = decode_opus(packets)
+    assert len(heard) == 50 * FRAME_SAMPLES
+    assert np.abs(heard[:9 * FRAME_SAMPLES]).max() == 0.0, "idle silence decodes to silence"
+    body = heard[12 * FRAME_SAMPLES:38 * FRAME_SAMPLES]
+    assert abs(dominant_frequency(body, OUTPUT_RATE) - 440.0) < 2.0
+    assert abs(np.sqrt(np.mean(body ** 2)) - 0.5 / np.sqrt(2)) < 0.02  # mono: no upmix loss
+    encoded = track._opus.encoded
+    tail = [await track.recv() for _ in range(10)]  # silence again: settles and stops encoding
+    assert track._opus.encoded - encoded < 6
+    assert np.abs(decode_opus(packets + tail)[-5 * FRAME_SAMPLES:]).max() == 0.0
 
 
 async def test_outbound_reports_played_seconds_per_response():
@@ -132,6 +165,11 @@ async def test_stopped_track_ends_the_sender():
     track.stop()
     with pytest.raises(MediaStreamError):
         await track.recv()
+    track = OutboundAudioTrack()
+    await track.next_frame()
+    track.stop()
+    with pytest.raises(MediaStreamError):
+        await track.next_frame()
 
 
 class ToneTrack(MediaStreamTrack):

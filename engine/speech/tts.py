@@ -2,9 +2,10 @@
 
 Text is normalised and split into chunks; each chunk's prompt carries the reference (its
 transcript and codes) and the earlier chunks' generated codes, so the voice stays the same.
-Frames are decoded every few frames by one streaming codec decoder per request, so the first
-audio leaves after a handful of frames instead of a whole sentence. All model work runs on the
-`ModelWorker` thread; the asyncio side only moves numpy arrays.
+Frames are decoded every few frames by one streaming codec decoder per request (more at once when
+the listener is well ahead), so the first audio leaves after a handful of frames instead of a
+whole sentence. All model work runs on the `ModelWorker` thread; the asyncio side only moves
+numpy arrays.
 """
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import asyncio
 import collections
 import hashlib
 import logging
+import os
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -34,7 +37,23 @@ log = logging.getLogger(__name__)
 # ≈93 ms of audio per decoder push. On CPU the codec costs about the same per frame either way,
 # and the first audio leaves two frames earlier than with 4 (measured: 1.41 s vs 1.70 s cold).
 DEFAULT_STREAM_FRAMES = 2
+# Once the listener is well ahead, fewer and longer decoder pushes: a push costs mostly its fixed
+# overhead on CPU (tiny codec, 1 thread: 7.8 ms for 2 frames, 13.3 ms for 8).
+MAX_STREAM_FRAMES = 8
+AHEAD_SECONDS = 0.5  # emitted audio beyond real-time playback before pushes may grow
 MAX_REFERENCE_SECONDS = 90.0
+
+
+def model_threads(device: torch.device, requested: int = 0) -> int | None:
+    """Torch threads for the model worker: `requested`, or on a CPU all cores but one (at least
+    one), None (torch's default) on a GPU. The core left over is the asyncio loop's, which carries
+    every call's RTP, Opus and VAD: with all cores, OpenMP workers spin against the loop, and on a
+    busy machine wait for a descheduled partner (10x the CPU per tiny-model frame at load 10)."""
+    if requested > 0:
+        return requested
+    if device.type != "cpu":
+        return None
+    return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 class TTSInputError(ValueError):
@@ -71,6 +90,34 @@ class ReferenceCache:
         return len(self._items)
 
 
+class PushCadence:
+    """When a request's pending code frames go to the decoder.
+
+    Every `every` frames while the audio emitted is less than `AHEAD_SECONDS` ahead of playing
+    it in real time from the first chunk; up to `most` frames a push once it is. Waiting for a
+    longer push never lets a real-time listener run dry: the lead is checked at every frame,
+    and a push is made as soon as it falls under the margin."""
+
+    def __init__(self, every: int, most: int, clock=time.monotonic) -> None:
+        self.every, self.most = every, max(every, most)
+        self._clock = clock
+        self._t_first: float | None = None
+        self._emitted = 0.0  # seconds of audio emitted so far
+
+    def lead(self) -> float:
+        if self._t_first is None:
+            return 0.0
+        return self._emitted - (self._clock() - self._t_first)
+
+    def due(self, pending: int) -> bool:
+        return pending >= self.most or (pending >= self.every and self.lead() < AHEAD_SECONDS)
+
+    def emitted(self, seconds: float) -> None:
+        if self._t_first is None:
+            self._t_first = self._clock()
+        self._emitted += seconds
+
+
 class FrameStep(BatchableStep):
     """One frame of one request; frames of concurrent requests on one model run as a batch."""
 
@@ -89,16 +136,25 @@ class FrameStep(BatchableStep):
 class TTSEngine:
     """Implements `engine.speech.types.SpeechSynthesizer` for a loaded Fish Speech checkpoint."""
 
-    def __init__(self, models: FishModels, stream_every_frames: int = DEFAULT_STREAM_FRAMES) -> None:
+    def __init__(self, models: FishModels, stream_every_frames: int = DEFAULT_STREAM_FRAMES,
+                 max_stream_frames: int = MAX_STREAM_FRAMES) -> None:
         self.models = models
         self.stream_every_frames = stream_every_frames
+        self.max_stream_frames = max_stream_frames  # the cadence's ceiling when a request sets none
         self.references = ReferenceCache()
         self.worker = ModelWorker()
 
     @classmethod
     def load(cls, checkpoint: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None,
-             decode_slots: int | None = None, quantize: str | None = "none", **kwargs: object) -> TTSEngine:
-        return cls(load_models(checkpoint, device, dtype, decode_slots, quantize), **kwargs)  # type: ignore[arg-type]
+             decode_slots: int | None = None, quantize: str | None = "none", threads: int | None = None,
+             **kwargs: object) -> TTSEngine:
+        """`threads`: torch's thread count for the process (0 = `model_threads`' choice; None
+        leaves torch's setting alone)."""
+        models = load_models(checkpoint, device, dtype, decode_slots, quantize)
+        if threads is not None and (count := model_threads(models.device, threads)) is not None:
+            torch.set_num_threads(count)
+            log.info("torch uses %d thread(s) for model work", count)
+        return cls(models, **kwargs)  # type: ignore[arg-type]
 
     @property
     def sample_rate(self) -> int:
@@ -197,6 +253,8 @@ class TTSEngine:
         """The request as a sequence of small units of work for the model worker."""
         m = self.models
         every = max(1, request.stream_every_frames or self.stream_every_frames)
+        # A request's own cadence is kept exactly; the default one grows once the listener is ahead.
+        cadence = PushCadence(every, every if request.stream_every_frames else self.max_stream_frames)
         decoder = StreamingDecoder(m.codec)  # one per request: chunk boundaries stay seamless
         history: list[tuple[str, np.ndarray]] = []
         for index, text in enumerate(chunks):
@@ -213,11 +271,13 @@ class TTSEngine:
                     if codes is not None:
                         frames.append(codes)
                         pending.append(codes)
-                    if pending and (codes is None or len(pending) >= every):
+                    if pending and (codes is None or cadence.due(len(pending))):
                         with torch.inference_mode():
                             audio = decoder.push(torch.stack(pending, dim=1))
-                        emit(AudioChunk(pcm=audio.float().cpu().numpy().reshape(-1),
-                                        sample_rate=m.codec.sample_rate, frames=len(pending), text_chunk=index))
+                        pcm = audio.float().cpu().numpy().reshape(-1)
+                        cadence.emitted(len(pcm) / m.codec.sample_rate)
+                        emit(AudioChunk(pcm=pcm, sample_rate=m.codec.sample_rate, frames=len(pending),
+                                        text_chunk=index))
                         pending = []
                     if codes is None:
                         break
