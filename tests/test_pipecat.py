@@ -297,7 +297,7 @@ async def test_barge_in_cancels_the_reply(server, wire, turns):
     # The server keeps only what was heard of the cut reply (maybe nothing), then the new turn.
     generated = first["output"][0]["content"][0].get("transcript") or ""
     cut = [i for i in items if i.id == first["output"][0]["id"]]
-    assert not cut or (generated.startswith(cut[0].text) and len(cut[0].text) < len(generated)), (cut, generated)
+    assert not cut or (generated.startswith(cut[0].text) and len(cut[0].text) <= len(generated)), (cut, generated)
     assert [i.role for i in items if i not in cut] == ["user", "user", "assistant"], items
     assert items[-1].id == second["output"][0]["id"]
     assert_wire_clean(wire)
