@@ -283,7 +283,9 @@ async def test_barge_in_cancels_the_reply(server, wire, turns):
         await call.until(lambda: any(e["type"] == "session.updated" for e in wire.received), 20)
         await call.say(QUESTION)
         await call.until(lambda: bool(call.speaker.first_audio_at))
-        await call.say("Stop, stop, please stop talking now.")  # speech while the reply plays
+        # Speech while the reply plays, with no pause inside: the truncate-only case is semantic_vad
+        # (Pipecat sets interrupt_response only there), which would end a turn at a comma.
+        await call.say("Please stop talking now.")
         await call.until(lambda: len(call.responses_done(wire)) >= 2)
         session = next(iter(server.calls.values()))
         items = session.conversation.items()
