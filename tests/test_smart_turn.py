@@ -3,7 +3,6 @@ its input features against pipecat's own, the end-of-turn layer over real silero
 options, and a spoken turn over /v1/realtime with the openai SDK against the real models."""
 from __future__ import annotations
 
-import asyncio
 import base64
 import subprocess
 import sys
@@ -230,6 +229,7 @@ def test_the_turn_detection_setting_picks_the_sessions_default():
 
 # ---------------------------------------------------------------------------- over /v1/realtime
 openai = pytest.importorskip("openai")
+from test_realtime_ws import events_until  # noqa: E402 - the SDK event reader
 
 
 @pytest.fixture
@@ -239,19 +239,6 @@ async def server(models):
     srv = await LocalServer(models, max_sessions=2, api_key="sekrit").start()
     yield srv
     await srv.stop()
-
-
-async def events_until(conn, stop_type: str, timeout: float = 60.0) -> list:
-    got = []
-
-    async def run():
-        async for event in conn:
-            got.append(event)
-            if event.type == stop_type:
-                return
-
-    await asyncio.wait_for(run(), timeout)
-    return got
 
 
 def pcm24k(pcm16k: np.ndarray) -> bytes:
