@@ -16,6 +16,7 @@ steady after loading, and after one short streamed /v1/tts request.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -89,15 +90,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_memory(directory: Path, mode: str, frames: int, extra: list[str]) -> None:
-    """Start the server on `directory`, wait until it answers, read its memory, send one streamed
-    /v1/tts request of `frames` frames, read it again."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads, so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def running_server(directory: Path, quantize: str, extra: list[str] = ()):
+    """`python -m server serve` on `directory` (TTS only, CPU) until it answers /ping; yields
+    (process, base url) and stops it afterwards."""
     port = free_port()
-    data = Path(tempfile.mkdtemp(prefix="bench-load-memory-"))
+    data = Path(tempfile.mkdtemp(prefix="bench-server-"))
     cmd = [sys.executable, "-m", "server", "serve", "--checkpoint", str(directory), "--port", str(port),
            "--mode", "tts", "--asr-model", "none", "--llm-enabled", "false", "--device", "cpu",
-           "--quantize", mode, "--data-dir", str(data), "--log-level", "WARNING", *extra]
-    t0 = time.perf_counter()
+           "--quantize", quantize, "--data-dir", str(data), "--log-level", "WARNING", *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -112,22 +119,41 @@ def server_memory(directory: Path, mode: str, frames: int, extra: list[str]) -> 
             except OSError:
                 pass
             time.sleep(1)
+        yield proc, url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def tts_stream(url: str, text: str, frames: int, seed: int = 1) -> tuple[float, float, float]:
+    """POST a streamed /v1/tts; returns (seconds to the first PCM byte, total seconds, seconds of audio)."""
+    body = json.dumps({"text": text, "streaming": True, "seed": seed, "max_new_tokens": frames}).encode()
+    request = urllib.request.Request(f"{url}/v1/tts", data=body, headers={"Content-Type": "application/json"})
+    t0 = time.perf_counter()
+    first, size = None, 0
+    with urllib.request.urlopen(request, timeout=3600) as r:
+        rate = int(r.headers["X-Sample-Rate"])
+        while chunk := r.read1(65536):
+            if first is None:
+                first = time.perf_counter() - t0
+            size += len(chunk)
+    return first or float("nan"), time.perf_counter() - t0, size / 2 / rate  # 16-bit mono
+
+
+def server_memory(directory: Path, mode: str, frames: int, extra: list[str]) -> None:
+    """Start the server on `directory`, wait until it answers, read its memory, send one streamed
+    /v1/tts request of `frames` frames, read it again."""
+    t0 = time.perf_counter()
+    with running_server(directory, mode, extra) as (proc, url):
         loaded = memory(proc.pid)
         print(f"server quantize={mode} {' '.join(extra)}: ready in {time.perf_counter() - t0:.0f} s; "
               f"peak RSS while loading {loaded['VmHWM']:.0f} MiB, RSS after loading {loaded['VmRSS']:.0f} MiB "
               f"(anonymous {loaded['RssAnon']:.0f}, file-backed {loaded['RssFile']:.0f})", flush=True)
-        body = json.dumps({"text": "Hello there.", "streaming": True, "seed": 1, "max_new_tokens": frames}).encode()
-        request = urllib.request.Request(f"{url}/v1/tts", data=body, headers={"Content-Type": "application/json"})
-        t1 = time.perf_counter()
-        with urllib.request.urlopen(request, timeout=1800) as r:
-            pcm = r.read()
+        _, total, audio = tts_stream(url, "Hello there.", frames)
         after = memory(proc.pid)
-        print(f"  after one streamed /v1/tts of {frames} frames ({len(pcm) / 2 / 44100:.2f} s of audio in "
-              f"{time.perf_counter() - t1:.0f} s): RSS {after['VmRSS']:.0f} MiB (anonymous {after['RssAnon']:.0f}, "
+        print(f"  after one streamed /v1/tts of {frames} frames ({audio:.2f} s of audio in "
+              f"{total:.0f} s): RSS {after['VmRSS']:.0f} MiB (anonymous {after['RssAnon']:.0f}, "
               f"file-backed {after['RssFile']:.0f}), peak {after['VmHWM']:.0f} MiB", flush=True)
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def main() -> None:
