@@ -117,7 +117,7 @@ def load_models(checkpoint: str | Path, device: str | None = None, dtype: str | 
     if tokenizer.semantic_end_id - tokenizer.semantic_begin_id + 1 < config.codebook_size:
         raise CheckpointError("the tokenizer has fewer semantic tokens than the first codebook has entries")
     model = load_dual_ar(directory, config, dev, dt, quant)
-    return_freed_heap()  # before the codec: the quantization temporaries (~650 MB) are free heap now
+    return_freed_heap()  # before the codec: whatever loading the model freed goes back to the OS
     codec = load_codec_only(directory, str(dev), dtype=torch.float32 if dev.type == "cpu" else dt,
                             quantize="none" if quant == "none" else "int8")
     if (config.family == "fish-speech-1.5") != isinstance(codec, FireflyCodec):
