@@ -66,7 +66,7 @@ def load_average() -> str:
 
 
 def server_run(directory: Path, quantize: str, frames: int) -> None:
-    from bench_load_memory import cpu_seconds, running_server, tts_stream, write_checkpoint, write_server_files
+    from bench_load_memory import cpu_seconds, memory, running_server, tts_stream, write_checkpoint, write_server_files
 
     if not (directory / "model.pth").is_file():
         write_checkpoint(directory)
@@ -78,9 +78,11 @@ def server_run(directory: Path, quantize: str, frames: int) -> None:
         cpu0 = cpu_seconds(proc.pid)
         first, total, audio = tts_stream(url, "The quick brown fox jumps over the lazy dog.", frames)
         cpu = cpu_seconds(proc.pid) - cpu0
+        rss = memory(proc.pid)
     print(f"streamed /v1/tts, {frames} frames = {audio:.2f} s of audio: first PCM byte after {first:.2f} s, "
           f"all in {total:.1f} s (real-time factor {total / audio:.2f}); server CPU {cpu:.1f} s = "
           f"{cpu / audio:.2f} CPU-s per audio-s")
+    print(f"server RSS after it {rss['VmRSS']:.0f} MiB, peak {rss['VmHWM']:.0f} MiB")
     print(f"load average {load_average()}")
 
 
