@@ -6,13 +6,23 @@ Prints time to first audio for a realistic prompt (45 text positions + 215 refer
 the same for a follow-up sentence in the same voice (prefix cache), and the steady-state
 real-time factor with the codec included.
 
+--server instead measures the product end to end: `python -m server serve` on a full-size random
+S1-mini checkpoint in the published layout (written once by bench_load_memory.py's writer; the
+model and codec loaded as the server loads them, QUANTIZE=auto unless --server-quantize), one
+warm-up request, then one streamed /v1/tts request of --frames frames (a short sentence, no
+reference): time to the first PCM byte, wall-clock real-time factor, and the server process's
+CPU time per second of audio (all its threads; on a shared machine the figure the load disturbs least).
+
     .venv/bin/python bench/bench_tts.py --family s1-mini --frames 32 --every 4
+    .venv/bin/python bench/bench_tts.py --server --frames 215        # ~10 s of audio
 """
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import time
+from pathlib import Path
 
 import torch
 
@@ -51,11 +61,42 @@ def run_request(runner, codec, prompt, frames: int, every: int, sync) -> tuple[f
     return first or total, total, samples / codec.sample_rate
 
 
+def load_average() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def server_run(directory: Path, quantize: str, frames: int) -> None:
+    from bench_load_memory import cpu_seconds, memory, running_server, tts_stream, write_checkpoint, write_server_files
+
+    if not (directory / "model.pth").is_file():
+        write_checkpoint(directory)
+    if not (directory / "codec.pth").is_file():
+        write_server_files(directory)
+    print(f"load average {load_average()}; server on {directory}, QUANTIZE={quantize}", flush=True)
+    with running_server(directory, quantize) as (proc, url):
+        tts_stream(url, "Warm up.", 4)
+        cpu0 = cpu_seconds(proc.pid)
+        first, total, audio = tts_stream(url, "The quick brown fox jumps over the lazy dog.", frames)
+        cpu = cpu_seconds(proc.pid) - cpu0
+        rss = memory(proc.pid)
+    print(f"streamed /v1/tts, {frames} frames = {audio:.2f} s of audio: first PCM byte after {first:.2f} s, "
+          f"all in {total:.1f} s (real-time factor {total / audio:.2f}); server CPU {cpu:.1f} s = "
+          f"{cpu / audio:.2f} CPU-s per audio-s")
+    print(f"server RSS after it {rss['VmRSS']:.0f} MiB, peak {rss['VmHWM']:.0f} MiB")
+    print(f"load average {load_average()}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     model_arguments(ap)
     ap.add_argument("--every", type=int, default=2, help="decoder push every N frames")
+    ap.add_argument("--server", action="store_true", help="end to end through the server's /v1/tts (CPU)")
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/s1-mini-random"), help="--server: checkpoint directory")
+    ap.add_argument("--server-quantize", default="auto", help="--server: QUANTIZE for the server")
     args = ap.parse_args()
+    if args.server:
+        server_run(args.dir, args.server_quantize, args.frames)
+        return
     dtype = chosen_dtype(args)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,7 +1,7 @@
 """Weight-only int8/int4 quantization (issue #21): every quantized linear layer stays within a
 stated relative error of the float layer, on the tiny checkpoint and on full-size S1-mini layer
 shapes; the kernels compute what our dequantized numbers say; a quantized checkpoint loads with
-no float copy left behind, runs end to end through `/v1/tts`, and QUANTIZE reaches the engine."""
+no float copy left behind (the codec's linear layers int8 too), runs end to end through `/v1/tts`, and QUANTIZE reaches the engine."""
 from __future__ import annotations
 
 import io
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
+from engine.fish.codec.int8 import RowExactInt8Linear
 from engine.fish.config import parse_config
 from engine.fish.dual_ar import TransformerBlock
 from engine.fish.dual_ar_loader import init_random_weights
@@ -127,6 +128,9 @@ def test_quantized_checkpoint_loads_and_generates(family, mode, tiny_s1_checkpoi
     assert not any(t.is_meta for t in [*m.parameters(), *m.buffers()])
     assert weight_bytes(m) < 0.45 * weight_bytes(ref.model)
     assert m.dtype == torch.float32 and quant.runner.slow_head.dtype == torch.float32
+    # the codec's linear layers follow (int8 whatever the mode); the float load keeps them float
+    assert not linears(quant.codec.quantizer) and linears(ref.codec.quantizer)
+    assert any(isinstance(x, RowExactInt8Linear) for x in quant.codec.quantizer.modules())
 
     # The last prompt position's slow logits: same prompt, quantized against float.
     prompt = torch.zeros(11, 24, dtype=torch.long)

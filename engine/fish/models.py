@@ -20,7 +20,7 @@ from engine.fish.firefly import FireflyCodec, find_firefly_file, load_firefly
 from engine.fish.dual_ar import DualARTransformer
 from engine.fish.generate import DualARRunner
 from engine.fish.dual_ar_loader import load_dual_ar
-from engine.fish.quantize import QuantizeMode, check_mode, default_quantize, describe
+from engine.fish.quantize import QuantizeMode, check_mode, default_quantize, describe, return_freed_heap
 from engine.fish.tokenizer import FishTokenizer
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,10 @@ class FishModels:
 
 
 def load_codec_only(checkpoint: str | Path, device: str | None = None,
-                    dtype: str | torch.dtype | None = None) -> AudioCodec:
-    """The directory's codec: the Firefly generator file if there is one, else codec.pth."""
+                    dtype: str | torch.dtype | None = None, quantize: str = "none") -> AudioCodec:
+    """The directory's codec: the Firefly generator file if there is one, else codec.pth.
+    `quantize="int8"` stores codec.pth's linear layers as int8 (CPU, float32; see
+    `engine.fish.codec.int8`); the Firefly codec is always float."""
     directory = resolve_checkpoint(checkpoint)
     dev = pick_device(device)
     firefly = find_firefly_file(directory)
@@ -82,7 +84,7 @@ def load_codec_only(checkpoint: str | Path, device: str | None = None,
     if not path.is_file():
         raise CheckpointError(f"{path} not found: the checkpoint directory must hold the codec weights "
                               "(codec.pth, or firefly-gan-vq-fsq-8x1024-21hz-generator.pth for fish-speech-1.5)")
-    return load_codec(path, device=dev, dtype=pick_dtype(dtype, dev))
+    return load_codec(path, device=dev, dtype=pick_dtype(dtype, dev), quantize=quantize)
 
 
 def pick_quantize(quantize: str | None, device: torch.device) -> QuantizeMode:
@@ -98,7 +100,9 @@ def load_models(checkpoint: str | Path, device: str | None = None, dtype: str | 
     """Load a checkpoint directory. `decode_slots` sequences decode through static buffers and
     on-device sampling (CUDA graphs on a GPU): default 4 on CUDA, 0 (the dynamic path) on CPU.
     `quantize` ("none", "int8", "int4"; None = the device's default) stores the transformer's
-    weights as integers (CPU only; the float path stays the reference)."""
+    weights as integers (CPU only; the float path stays the reference); any mode but "none" also
+    stores the codec's linear layers as int8 (a quarter of their ~1 GB; the server always
+    decodes through the streaming decoder, so its audio is still the same streamed or whole)."""
     t0 = time.perf_counter()
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
@@ -113,7 +117,9 @@ def load_models(checkpoint: str | Path, device: str | None = None, dtype: str | 
     if tokenizer.semantic_end_id - tokenizer.semantic_begin_id + 1 < config.codebook_size:
         raise CheckpointError("the tokenizer has fewer semantic tokens than the first codebook has entries")
     model = load_dual_ar(directory, config, dev, dt, quant)
-    codec = load_codec_only(directory, str(dev), dtype=torch.float32 if dev.type == "cpu" else dt)
+    return_freed_heap()  # before the codec: whatever loading the model freed goes back to the OS
+    codec = load_codec_only(directory, str(dev), dtype=torch.float32 if dev.type == "cpu" else dt,
+                            quantize="none" if quant == "none" else "int8")
     if (config.family == "fish-speech-1.5") != isinstance(codec, FireflyCodec):
         raise CheckpointError(f"{directory} holds a {config.family} model but a {type(codec).__name__} codec")
     if codec.num_codebooks != config.num_codebooks:

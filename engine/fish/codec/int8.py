@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from engine.fish.quantize import Int8Linear, release_pages
+from engine.fish.quantize import Int8Linear, release_pages, return_freed_heap
 
 
 class RowExactInt8Linear(Int8Linear):
@@ -38,16 +38,6 @@ def quantize_codec_linears(codec: nn.Module) -> int:
         q = RowExactInt8Linear.from_weight(linear.weight.detach(), None if linear.bias is None else linear.bias.detach())
         setattr(codec.quantizer.get_submodule(parent) if parent else codec.quantizer, leaf, q)
         release_pages(linear.weight)  # the float weight may be a memory-mapped checkpoint page
-    return_freed_heap()
+        return_freed_heap()
     return len(names)
 
-
-def return_freed_heap() -> None:
-    """Give glibc's freed heap back to the OS: quantizing leaves ~450 MB of freed float temporaries
-    that the allocator would otherwise keep (measured on the published size). A no-op elsewhere."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
