@@ -36,18 +36,9 @@ QUESTION = "What is the capital of France?"
 
 def pcm24k(text: str, tail: float) -> tuple[bytes, float]:
     """24 kHz 16-bit speech, and how many seconds of silence trail it."""
-    import av
-    import numpy as np
-
     import speechkit
 
-    pcm16k, _ = speechkit.speech_with_gaps([0.3, text, tail])
-    frame = av.AudioFrame.from_ndarray((pcm16k * 32767).astype(np.int16).reshape(1, -1), format="s16",
-                                       layout="mono")
-    frame.sample_rate = 16_000
-    resampler = av.AudioResampler(format="s16", layout="mono", rate=24_000)
-    out = [f.to_ndarray().reshape(-1) for f in [*resampler.resample(frame), *resampler.resample(None)]]
-    return np.concatenate(out).astype("<i2").tobytes(), tail
+    return speechkit.pcm24k_bytes(speechkit.speech_with_gaps([0.3, text, tail])[0]), tail
 
 
 async def spoken_turn(conn, audio: bytes, tail: float) -> dict[str, float]:

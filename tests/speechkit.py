@@ -83,6 +83,13 @@ def speech_with_gaps(
     return pcm.astype(np.float32), truth
 
 
+def pcm24k_bytes(pcm16k: np.ndarray) -> bytes:
+    """16 kHz float speech as the 24 kHz 16-bit little-endian PCM a realtime client appends."""
+    from engine.audio import float_to_pcm16, resample
+
+    return float_to_pcm16(resample(pcm16k, SAMPLE_RATE, 24_000)).tobytes()
+
+
 def frames(pcm: np.ndarray, size: int = 512):
     """Split PCM into consecutive pieces of `size` samples (the last one may be shorter)."""
     for start in range(0, len(pcm), size):

@@ -52,16 +52,18 @@ async def events_until(conn, stop_type: str, timeout: float = 60.0, seen: list |
     return got
 
 
-def pcm24k(text: str, lead: float = 0.3, tail: float = 1.0) -> bytes:
-    pcm16k, _ = speechkit.speech_with_gaps([lead, text, tail])
-    import av
+async def append_audio(conn, audio: bytes, chunk_ms: int = 100, paced: bool = False) -> None:
+    """`input_audio_buffer.append` of 24 kHz 16-bit audio in `chunk_ms` pieces, at once or (`paced`)
+    at the pace of a microphone."""
+    chunk, t0 = 24_000 * 2 * chunk_ms // 1000, time.monotonic()
+    for n, i in enumerate(range(0, len(audio), chunk)):
+        if paced:
+            await asyncio.sleep(max(0.0, t0 + n * chunk_ms / 1000 - time.monotonic()))
+        await conn.input_audio_buffer.append(audio=base64.b64encode(audio[i:i + chunk]).decode())
 
-    frame = av.AudioFrame.from_ndarray((pcm16k * 32767).astype(np.int16).reshape(1, -1), format="s16", layout="mono")
-    frame.sample_rate = 16_000
-    resampler = av.AudioResampler(format="s16", layout="mono", rate=24_000)
-    out = [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
-    out += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
-    return np.concatenate(out).astype("<i2").tobytes()
+
+def pcm24k(text: str, lead: float = 0.3, tail: float = 1.0) -> bytes:
+    return speechkit.pcm24k_bytes(speechkit.speech_with_gaps([lead, text, tail])[0])
 
 
 async def test_text_turn_with_the_openai_sdk(server):
@@ -101,10 +103,7 @@ async def test_spoken_turn_with_the_openai_sdk_gives_transcript_reply_text_and_a
                                 "turn_detection": {"type": "server_vad", "silence_duration_ms": 500}},
                       "output": {"format": {"type": "audio/pcm", "rate": 24000}, "voice": "alloy"}}})
         await events_until(conn, "session.updated", 20)
-        audio = pcm24k(QUESTION)
-        chunk = 24_000 * 2 // 10  # 100 ms
-        for i in range(0, len(audio), chunk):
-            await conn.input_audio_buffer.append(audio=base64.b64encode(audio[i:i + chunk]).decode())
+        await append_audio(conn, pcm24k(QUESTION))
         t_appended = time.monotonic()
         events = await events_until(conn, "response.done", 90)
         types_seen = [e.type for e in events]
@@ -152,21 +151,11 @@ async def test_live_speech_gets_transcription_deltas_that_add_up_to_the_complete
                                 "turn_detection": {"type": "server_vad", "silence_duration_ms": 500}}}})
         await events_until(conn, "session.updated", 20)
         pcm16k, _ = speechkit.speech_with_gaps([0.3, spoken[0], 0.3, spoken[1], 1.0])
-        import av
-
-        frame = av.AudioFrame.from_ndarray((pcm16k * 32767).astype(np.int16).reshape(1, -1), format="s16",
-                                           layout="mono")
-        frame.sample_rate = 16_000
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=24_000)
-        audio = np.concatenate([f.to_ndarray().reshape(-1) for f in
-                                [*resampler.resample(frame), *resampler.resample(None)]]).astype("<i2").tobytes()
+        audio = speechkit.pcm24k_bytes(pcm16k)
         events: list = []
         reader = asyncio.ensure_future(events_until(conn, "conversation.item.input_audio_transcription.completed",
                                                     120, seen=events))
-        chunk, t0 = 24_000 * 2 // 50, time.monotonic()
-        for n, i in enumerate(range(0, len(audio), chunk)):
-            await asyncio.sleep(max(0.0, t0 + n * 0.02 - time.monotonic()))
-            await conn.input_audio_buffer.append(audio=base64.b64encode(audio[i:i + chunk]).decode())
+        await append_audio(conn, audio, chunk_ms=20, paced=True)
         await reader
         completed = events[-1]
         deltas = [e for e in events if e.type == "conversation.item.input_audio_transcription.delta"]
@@ -265,9 +254,7 @@ async def test_a_text_only_session_answers_a_spoken_turn_in_text(server):
             "audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000},
                                 "turn_detection": {"type": "server_vad", "silence_duration_ms": 500}}}})
         await events_until(conn, "session.updated", 20)
-        audio = pcm24k(QUESTION)
-        for i in range(0, len(audio), 4800):
-            await conn.input_audio_buffer.append(audio=base64.b64encode(audio[i:i + 4800]).decode())
+        await append_audio(conn, pcm24k(QUESTION))
         events = await events_until(conn, "response.done", 90)
         types_seen = [e.type for e in events]
         assert "conversation.item.input_audio_transcription.completed" in types_seen

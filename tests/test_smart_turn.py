@@ -3,7 +3,6 @@ its input features against pipecat's own, the end-of-turn layer over real silero
 options, and a spoken turn over /v1/realtime with the openai SDK against the real models."""
 from __future__ import annotations
 
-import base64
 import subprocess
 import sys
 
@@ -229,7 +228,7 @@ def test_the_turn_detection_setting_picks_the_sessions_default():
 
 # ---------------------------------------------------------------------------- over /v1/realtime
 openai = pytest.importorskip("openai")
-from test_realtime_ws import events_until  # noqa: E402 - the SDK event reader
+from test_realtime_ws import append_audio, events_until  # noqa: E402 - the SDK client helpers
 
 
 @pytest.fixture
@@ -239,16 +238,6 @@ async def server(models):
     srv = await LocalServer(models, max_sessions=2, api_key="sekrit").start()
     yield srv
     await srv.stop()
-
-
-def pcm24k(pcm16k: np.ndarray) -> bytes:
-    import av
-
-    frame = av.AudioFrame.from_ndarray((pcm16k * 32767).astype(np.int16).reshape(1, -1), format="s16", layout="mono")
-    frame.sample_rate = INPUT_SAMPLE_RATE
-    resampler = av.AudioResampler(format="s16", layout="mono", rate=24_000)
-    out = [f.to_ndarray().reshape(-1) for f in [*resampler.resample(frame), *resampler.resample(None)]]
-    return np.concatenate(out).astype("<i2").tobytes()
 
 
 @needs_espeak
@@ -268,10 +257,7 @@ async def test_a_spoken_question_ends_after_a_short_pause_and_is_answered(server
         # The question, then only 0.45 s of silence: less than server_vad's 500 ms, and far less than
         # the 4 s that low eagerness waits without Smart Turn's "complete".
         pcm, truth = speechkit.speech_with_gaps([0.3, COMPLETE, 0.45])
-        audio = pcm24k(pcm)
-        chunk = 24_000 * 2 // 10
-        for i in range(0, len(audio), chunk):
-            await conn.input_audio_buffer.append(audio=base64.b64encode(audio[i:i + chunk]).decode())
+        await append_audio(conn, speechkit.pcm24k_bytes(pcm))
         events = await events_until(conn, "response.done", 90)
         types_seen = [e.type for e in events]
         assert types_seen.index("input_audio_buffer.speech_stopped") < types_seen.index("response.created")
