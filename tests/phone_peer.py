@@ -407,3 +407,32 @@ async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+# ------------------------------------------------------------------ the server's side of a test call
+def phone_line(text: str, lead: float = 0.3, tail: float = 0.9) -> np.ndarray:
+    """Telephone-band espeak-ng speech of `text` between silences, ready for `CarrierPeer.say`."""
+    import speechkit  # the tests' espeak-ng helper (only the tests speak whole sentences)
+
+    pcm, _ = speechkit.speech_with_gaps([lead, text, tail])
+    return telephone_speech(pcm)
+
+
+def phone_call(server, peer: CarrierPeer):
+    """The server's session for `peer`'s call (a test `LocalServer`), once it has started."""
+    return next((c for c in server.calls.values() if getattr(c, "start", None) is not None
+                 and c.start.call_id == peer.call_sid), None)
+
+
+def of_type(call, kind):
+    return [e for e in call.events if isinstance(e, kind)]
+
+
+async def wait_event(call, kind, predicate=lambda e: True, timeout: float = 30.0):
+    """The first event of `kind` (matching `predicate`) the call's conversation emitted."""
+    try:
+        await wait_until(lambda: any(predicate(e) for e in of_type(call, kind)), timeout, kind.__name__)
+    except AssertionError as exc:
+        seen = [type(e).__name__ for e in call.events if type(e).__name__ != "ResponseTextDelta"]
+        raise AssertionError(f"{exc}; call closed: {call.close_reason}; events: {seen[-15:]}") from None
+    return next(e for e in of_type(call, kind) if predicate(e))

@@ -21,7 +21,7 @@ from engine.agent.conversation.events import (ResponseAudioCleared, ResponseAudi
                                               ResponseDone, ResponseTextDelta, ResponseTruncated, UserDtmf,
                                               UserTranscript)
 from engine.agent.llm.base import ChatOptions
-from phone_peer import CarrierPeer, telephone_speech, wait_until
+from phone_peer import CarrierPeer, of_type, phone_call, phone_line, wait_event, wait_until
 from rtc_client import LocalServer
 from signaling import TelephonyConfig
 
@@ -70,29 +70,6 @@ async def dial(server):
     yield place
     for peer in peers:
         await peer.close()
-
-
-def phone_call(server: LocalServer, peer: CarrierPeer):
-    return next((c for c in server.calls.values() if getattr(c, "start", None) is not None
-                 and c.start.call_id == peer.call_sid), None)
-
-
-def phone_line(text: str, lead: float = 0.3, tail: float = 0.9) -> np.ndarray:
-    pcm, _ = speechkit.speech_with_gaps([lead, text, tail])
-    return telephone_speech(pcm)
-
-
-def of_type(call, kind):
-    return [e for e in call.events if isinstance(e, kind)]
-
-
-async def wait_event(call, kind, predicate=lambda e: True, timeout: float = 30.0):
-    try:
-        await wait_until(lambda: any(predicate(e) for e in of_type(call, kind)), timeout, kind.__name__)
-    except AssertionError as exc:
-        seen = [type(e).__name__ for e in call.events if type(e).__name__ != "ResponseTextDelta"]
-        raise AssertionError(f"{exc}; call closed: {call.close_reason}; events: {seen[-15:]}") from None
-    return next(e for e in of_type(call, kind) if predicate(e))
 
 
 def rms(pcm: np.ndarray) -> float:

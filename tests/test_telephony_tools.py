@@ -18,11 +18,10 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-import speechkit
 from engine.agent.conversation.events import FunctionCallDone, ResponseCreated, ResponseDone, UserSpeechStarted
 from engine.agent.llm.base import ChatOptions
 from engine.agent.tools import argument_problem
-from phone_peer import CarrierPeer, telephone_speech, wait_until
+from phone_peer import CarrierPeer, of_type, phone_call, phone_line, wait_event, wait_until
 from rtc_client import LocalServer
 from signaling import TelephonyConfig
 from signaling.server_tools import ToolsFileError, load_server_tools
@@ -185,28 +184,6 @@ async def dial(server):
         await peer.close()
 
 
-def phone_call(server: LocalServer, peer: CarrierPeer):
-    return next((c for c in server.calls.values() if getattr(c, "start", None) is not None
-                 and c.start.call_id == peer.call_sid), None)
-
-
-def of_type(call, kind):
-    return [e for e in call.events if isinstance(e, kind)]
-
-
-async def wait_event(call, kind, predicate=lambda e: True, timeout: float = 60.0):
-    try:
-        await wait_until(lambda: any(predicate(e) for e in of_type(call, kind)), timeout, kind.__name__)
-    except AssertionError as exc:
-        seen = [type(e).__name__ for e in call.events if type(e).__name__ != "ResponseTextDelta"]
-        raise AssertionError(f"{exc}; call closed: {call.close_reason}; events: {seen[-15:]}") from None
-    return next(e for e in of_type(call, kind) if predicate(e))
-
-
-def phone_line(text: str) -> object:
-    return telephone_speech(speechkit.speech_with_gaps([0.3, text, 0.9])[0])
-
-
 def timeline(call, t0: float, hooks: Webhooks) -> list[str]:
     """The call's events and the webhook's requests in time order (ms after t0), for the report."""
     rows = [(e.t, type(e).__name__ + (f"({e.name})" if isinstance(e, FunctionCallDone) else "")
@@ -266,7 +243,7 @@ async def test_a_failing_webhook_still_gives_a_reply_and_keeps_the_call(dial, ho
     assert [t.name for t in call.conversation.tools] == [tool]
     assert peer.parameters["tools"] == tool  # carried from the webhook to the stream
     await call.conversation.send_text(QUESTION)
-    rid = (await wait_event(call, ResponseCreated)).response_id
+    rid = (await wait_event(call, ResponseCreated, timeout=60)).response_id
     await wait_event(call, ResponseDone, lambda e: e.response_id != rid, timeout=90)
     output = next(i for i in call.conversation.items() if i.type == "function_call_output")
     assert error in json.loads(output.text)["error"], output.text
