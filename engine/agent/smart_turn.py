@@ -27,7 +27,7 @@ import numpy as np
 import onnxruntime as ort
 
 from engine.agent.vad import (FRAME_SAMPLES, INPUT_SAMPLE_RATE, SpeechStarted, TurnDetection, TurnDetector,
-                              TurnEvent, as_pcm16k)
+                              TurnEvent, as_pcm16k, cpu_onnx_session)
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +77,9 @@ class SmartTurn:
 
     @classmethod
     def load(cls, path: str | Path | None = None, *, threads: int = 1) -> SmartTurn:
-        options = ort.SessionOptions()
         # One thread, as Pipecat runs it: on a busy 2-core machine a second thread measured slower
         # (bench/bench_turn.py --threads), and ASR or TTS may be using the other core.
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        session = ort.InferenceSession(str(path or smart_turn_onnx_path()), sess_options=options,
-                                       providers=["CPUExecutionProvider"])
-        model = cls(session)
+        model = cls(cpu_onnx_session(path or smart_turn_onnx_path(), threads))
         model.probability(np.zeros(INPUT_SAMPLE_RATE, np.float32))  # warm up now, not on the first pause
         return model
 

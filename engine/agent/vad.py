@@ -50,6 +50,14 @@ def silero_onnx_path() -> Path:
     raise RuntimeError(f"no silero-vad ONNX model found in {data}")
 
 
+def cpu_onnx_session(path: str | Path, threads: int) -> ort.InferenceSession:
+    """An onnxruntime CPU session with `threads` intra-op threads and no inter-op parallelism."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
 class SileroVAD:
     """The silero-vad ONNX model. Thread-safe and shareable: per-stream state lives in VADStream."""
 
@@ -58,13 +66,8 @@ class SileroVAD:
 
     @classmethod
     def load(cls, path: str | Path | None = None, *, threads: int = 1) -> SileroVAD:
-        options = ort.SessionOptions()
         # One 32 ms frame is ~0.1 ms of work: threads only add overhead and contention.
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        session = ort.InferenceSession(str(path or silero_onnx_path()), sess_options=options,
-                                       providers=["CPUExecutionProvider"])
-        vad = cls(session)
+        vad = cls(cpu_onnx_session(path or silero_onnx_path(), threads))
         vad.stream().probability(np.zeros(FRAME_SAMPLES, np.float32))  # warm up now, not on the first call
         return vad
 
