@@ -42,8 +42,7 @@ class RealtimeControl:
         self.voice_id = options.voice_id
         self.voice_echo = options.voice_echo
         self.model = options.model or model
-        self.output_modalities = options.output_modalities or ("audio",)
-        conversation.speak_replies = "audio" in self.output_modalities
+        conversation.speak_replies = "audio" in (options.output_modalities or ("audio",))
         self.audio_formats = audio_formats
         self.input_format = options.input_format or AudioFormat()
         self.output_format = options.output_format or AudioFormat()
@@ -54,6 +53,11 @@ class RealtimeControl:
         # response id -> the `metadata` its response.create carried, echoed on its response object
         # (LiveKit's plugin pairs generate_reply() with response.created by it)
         self.response_metadata: dict[str, dict[str, Any]] = {}
+
+    @property
+    def output_modalities(self) -> tuple[str, ...]:
+        """The session's reply modality, kept once: on the conversation, which speaks or not."""
+        return ("audio",) if self.conversation.speak_replies else ("text",)
 
     def describe(self) -> dict[str, Any]:
         conv = self.conversation
@@ -115,8 +119,7 @@ class RealtimeControl:
             self.voice_id = options.voice_id
             self.voice_echo = options.voice_echo
         if options.output_modalities is not None:
-            self.output_modalities = options.output_modalities
-            conv.speak_replies = "audio" in self.output_modalities
+            conv.speak_replies = "audio" in options.output_modalities
         if options.model is not None:
             self.model = options.model
         if options.input_format is not None or options.output_format is not None:
