@@ -10,6 +10,7 @@ speed, the worst transcripts, and the time per transcription (median / p90).
 
   PYTHONPATH=. .venv/bin/python bench/bench_asr.py                      # the shipped defaults
   PYTHONPATH=. .venv/bin/python bench/bench_asr.py --beam 5 --temperature-fallback
+  PYTHONPATH=. .venv/bin/python bench/bench_asr.py --model base --window-margin full   # the asr-base extra
   PYTHONPATH=. .venv/bin/python bench/bench_asr.py --incremental        # end-of-turn latency, live pacing
 
 `--incremental` feeds each utterance in real time (20 ms pushes, as a microphone does) through
@@ -209,7 +210,7 @@ def run_whole(args, asr, vad, items) -> list[dict]:
         hyp, spent = [], 0.0
         for audio in turns:
             t0 = time.perf_counter()
-            hyp.append(asr.transcribe_sync(pad(audio, args.pad_ms)))
+            hyp.append(asr.transcribe_sync(pad(audio, args.pad_ms), turn=True))
             spent += time.perf_counter() - t0
         rows.append({"ref": text, "hyp": " ".join(hyp), "voice": voice, "speed": speed, "asr_ms": spent * 1000,
                      "turns": len(turns)})
@@ -244,7 +245,7 @@ async def run_incremental(args, asr, vad, items) -> list[dict]:
                 final = await live.finish(event.audio, event.audio_end_ms - event.audio_start_ms)
                 final_ms = (time.monotonic() - t_stop) * 1000
                 w0 = time.perf_counter()
-                whole = await asr.transcribe(event.audio)
+                whole = await asr.transcribe(event.audio, turn=True)
                 finals.append({"final": final, "final_ms": final_ms, "whole": whole, "passes": live.passes,
                                "whole_ms": (time.perf_counter() - w0) * 1000, "reused": live.reused})
                 live = None
@@ -275,7 +276,10 @@ def main() -> None:
                     help="faster-whisper's re-decoding at higher temperatures on a doubtful result")
     ap.add_argument("--prompt", default=None, help="initial_prompt")
     ap.add_argument("--hotwords", default=None)
-    ap.add_argument("--chunk-length", type=int, default=None, help="encoder window in seconds (default 30)")
+    ap.add_argument("--chunk-length", type=int, default=None, help="faster-whisper's chunk_length (seconds)")
+    ap.add_argument("--window-margin", default=None,
+                    help="encoder window: the turn plus this many seconds, or 'full' for Whisper's 30 s "
+                         "(default: the shipped margin)")
     ap.add_argument("--pad-ms", type=int, default=0, help="silence added before and after each turn")
     ap.add_argument("--path", choices=("ws24k", "webrtc48k"), default="ws24k")
     ap.add_argument("--resampler", choices=("av", "soxr"), default="av", help="the server's 16 kHz resampler")
@@ -288,16 +292,18 @@ def main() -> None:
     ap.add_argument("--pause-ms", type=int, default=100, help="incremental: a pause this long starts a pass")
     args = ap.parse_args()
 
-    from engine.agent.asr import DEFAULT_BEAM_SIZE, Transcriber
+    from engine.agent.asr import DEFAULT_BEAM_SIZE, DEFAULT_WINDOW_MARGIN_S, Transcriber
     from engine.agent.vad import SileroVAD
 
     options = decode_options(args)
+    margin = (DEFAULT_WINDOW_MARGIN_S if args.window_margin is None
+              else None if args.window_margin == "full" else float(args.window_margin))
     asr = Transcriber.load(args.model, compute_type=args.compute_type, beam_size=args.beam or DEFAULT_BEAM_SIZE,
-                           cpu_threads=args.threads, decode_options=options)
+                           cpu_threads=args.threads, decode_options=options, window_margin_s=margin)
     vad = SileroVAD.load()
     items = utterances(args.per_sentence, args.limit)
     print(f"model {args.model or 'tiny.en (bundled)'} {args.compute_type}, beam {asr.beam_size}, options {options}, "
-          f"pad {args.pad_ms} ms, {args.path} via {args.resampler}; cores {os.cpu_count()}")
+          f"encoder window {'30 s' if margin is None else f'turn + {margin} s'}, pad {args.pad_ms} ms, {args.path} via {args.resampler}; cores {os.cpu_count()}")
     print(f"load before: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
     if args.incremental:
         rows = asyncio.run(run_incremental(args, asr, vad, items))
@@ -310,6 +316,7 @@ def main() -> None:
         import json
 
         Path(args.json).write_text(json.dumps(rows, indent=1))
+    print(f"  fitted-window passes redone with the full window (looks_hallucinated): {asr.window_retries}")
     counts = collections.Counter(r["turns"] for r in rows if "turns" in r)
     print(f"load after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; turns per utterance {dict(counts)}")
     asr.close()

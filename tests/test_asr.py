@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from engine.agent.asr import ASRError, Transcriber
+from engine.agent.asr import FULL_WINDOW_FRAMES, ASRError, Transcriber, looks_hallucinated, window_frames_for
 import speechkit
 
 pytestmark = pytest.mark.skipif(not speechkit.espeak_available(), reason="espeak-ng/sox not installed")
@@ -108,3 +108,48 @@ async def test_wer_over_varied_voices_and_speeds(asr):
     hypotheses = [await asr.transcribe(speechkit.espeak_wav(text, rate, voice)) for text, voice, rate in VARIED]
     corpus = speechkit.wer([t for t, _, _ in VARIED], hypotheses)
     assert corpus <= WER_BOUND_VARIED, list(zip(VARIED, hypotheses))
+
+
+# --------------------------------------------------------------------------- the fitted encoder window
+def turn_audio(text: str) -> np.ndarray:
+    """What the VAD hands over for a turn: a little lead-in, the speech, the silence that ended it."""
+    pcm, _ = speechkit.speech_with_gaps([0.3, text, 0.6])
+    return pcm
+
+
+async def test_turns_are_encoded_in_a_fitted_window_and_other_audio_in_the_full_one(asr):
+    pcm = turn_audio("Please turn on the kitchen lights.")
+    fitted = await asr.transcribe(pcm, turn=True)
+    assert asr.model.last_encoded_frames == window_frames_for(len(pcm), asr.window_margin_s) < FULL_WINDOW_FRAMES
+    assert asr.model.window_frames is None  # reset for the next caller
+    assert speechkit.wer("Please turn on the kitchen lights.", fitted) <= 0.2, fitted
+    whole = await asr.transcribe(pcm)
+    assert asr.model.last_encoded_frames == FULL_WINDOW_FRAMES
+    assert speechkit.wer("Please turn on the kitchen lights.", whole) <= 0.2, whole
+
+
+def test_window_frames_cover_the_clip_plus_the_margin_and_give_way_to_the_full_window():
+    assert window_frames_for(16000, 8.0) == 900  # 1 s + 8 s of 10 ms frames
+    assert window_frames_for(16001, 0.0) % 2 == 0  # the encoder's stride-2 convolution wants even
+    assert window_frames_for(23 * 16000, 8.0) is None  # a long turn: the full 30 s window anyway
+
+
+def test_repeated_or_overlong_transcripts_look_hallucinated():
+    assert looks_hallucinated("Can you tell me a joke? Can you tell me a joke?", 3.0)
+    assert looks_hallucinated("one two three four five six seven eight nine ten eleven twelve", 1.5)
+    assert not looks_hallucinated("Can you tell me a joke?", 2.0)
+    assert not looks_hallucinated("My phone number ends in 4 5 6 7.", 3.0)
+    assert not looks_hallucinated("no no no", 1.0)  # short repeats are real speech
+
+
+async def test_a_short_window_that_makes_whisper_repeat_itself_is_retried_in_full():
+    """With a 1 s margin, tiny.en says some of these turns twice; the retry guard catches each one."""
+    tight = Transcriber.load(window_margin_s=1.0)
+    try:
+        texts = [await tight.transcribe(turn_audio(text), turn=True) for text in SENTENCES]
+        assert tight.window_retries >= 1
+        for ref, hyp in zip(SENTENCES, texts):
+            assert speechkit.wer(ref, hyp) <= 0.5, (ref, hyp)
+            assert not looks_hallucinated(hyp, 4.0), hyp
+    finally:
+        tight.close()

@@ -156,7 +156,7 @@ class TurnInput:
                 if live is not None:  # it sends the transcript's last delta itself
                     transcript = await live.finish(pcm, speech_end_ms)
                 else:
-                    transcript = await self._asr.transcribe(pcm)
+                    transcript = await self._asr.transcribe(pcm, turn=True)
                     if transcript:
                         self._outputs.emit(UserTranscriptDelta(item_id=item_id, delta=transcript))
             except Exception as exc:  # noqa: BLE001 - the session survives a failed turn
