@@ -22,7 +22,10 @@ TURN = ("Please turn on the kitchen lights.", 0.3, "What is the weather going to
 
 def test_agreed_prefix_keeps_the_words_both_passes_begin_with():
     assert agreed_prefix("What is the cap.", "What is the capital of France?") == "What is the"
-    assert agreed_prefix("what is the capital", "What is the capital, of France") == "What is the capital,"
+    # punctuation after the last agreed word waits: the final pass may end the sentence there instead
+    assert agreed_prefix("what is the capital", "What is the capital, of France") == "What is the capital"
+    assert agreed_prefix("Turn on the lights,", "Turn on the lights, please") == "Turn on the lights"
+    assert agreed_prefix("Turn on the lights, please", "Turn on the lights, please.") == "Turn on the lights, please"
     assert agreed_prefix("", "Hello there") == ""
     assert agreed_prefix("Hello there", "Goodbye") == ""
     assert agreed_prefix("Hello there friend", "Hello there") == "Hello there"

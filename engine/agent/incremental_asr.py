@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 BURST_MS = 500  # how far audio may run ahead of the wall clock (network jitter) and still count as live
 _WORD = re.compile(r"\S+")
 _NOT_WORD = re.compile(r"[^\w']")
+_TRAILING_PUNCTUATION = re.compile(r"[^\w']+$")
 
 
 def _key(word: str) -> str:
@@ -46,13 +47,15 @@ def _key(word: str) -> str:
 
 
 def agreed_prefix(previous: str, current: str) -> str:
-    """The start of `current` (its own characters) whose words `previous` also begins with."""
+    """The start of `current` (its own characters) whose words `previous` also begins with. The
+    punctuation after the last agreed word is left out: passes disagree on it more than on words
+    ("lights," then "lights. What"), and a delta once sent cannot be taken back."""
     end = 0
     prev_words = [_key(w) for w in previous.split()]
     for n, match in enumerate(_WORD.finditer(current)):
         if n >= len(prev_words) or _key(match.group()) != prev_words[n]:
             break
-        end = match.end()
+        end = match.start() + len(_TRAILING_PUNCTUATION.sub("", match.group()))
     return current[:end]
 
 
@@ -99,7 +102,7 @@ class IncrementalTranscriber:
 
     async def _run_pass(self, audio: np.ndarray) -> None:
         try:
-            text = await self._asr.transcribe(audio)
+            text = await self._asr.transcribe(audio, turn=True)
         except Exception:  # noqa: BLE001 - a failed partial costs nothing: the end of turn retries
             log.exception("incremental transcription pass failed")
             return
@@ -127,7 +130,7 @@ class IncrementalTranscriber:
         if self._latest is not None and self._latest[0] >= min(needed, len(audio)):
             text, self.reused = self._latest[1], True
         else:
-            text = await self._asr.transcribe(audio)
+            text = await self._asr.transcribe(audio, turn=True)
         if text.startswith(self.committed):
             self._commit(text)
         else:
