@@ -36,7 +36,7 @@ from signaling.offers import check_offer
 from signaling.options import SessionOptions
 from signaling.protocol.ga import RealtimeEvents
 from signaling.registry import CallRegistry
-from signaling.tracks import InboundAudio, OutboundAudioTrack
+from signaling.tracks import InboundAudio, OutboundAudioTrack, use_shallow_jitter_buffer
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,7 @@ class PeerCall:
         transceiver = pc.addTransceiver(self.outbound, direction="sendrecv")
         transceiver.setCodecPreferences(
             [c for c in RTCRtpSender.getCapabilities("audio").codecs if c.mimeType.lower() == "audio/opus"])
+        use_shallow_jitter_buffer(transceiver.receiver)
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
         except (ValueError, TypeError, OperationError, InvalidAccessError) as exc:

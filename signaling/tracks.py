@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 
 import av
 import numpy as np
+from aiortc.jitterbuffer import JitterBuffer
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from engine.agent.conversation import INPUT_SAMPLE_RATE
@@ -241,6 +242,24 @@ class OutboundAudioTrack(MediaStreamTrack):
         self._open.clear()
         self._resampler, self._resampling = None, None
         super().stop()
+
+
+# aiortc holds 4 packets (80 ms) of inbound audio before decoding, a playout cushion. The server
+# never plays the caller's audio, it only analyses it (VAD, ASR), so it takes each packet as soon as
+# the next one shows it complete: the end of the caller's speech is seen 60 ms sooner. A missing
+# packet still stalls the buffer until it comes or the buffer overflows, as with aiortc's setting.
+INBOUND_PREFETCH = 1
+_RECEIVER_JITTER_BUFFER = "_RTCRtpReceiver__jitter_buffer"  # aiortc keeps it private; checked by a test
+
+
+def use_shallow_jitter_buffer(receiver) -> bool:
+    """Give an audio RTCRtpReceiver the analysis-only jitter buffer, before media flows."""
+    current = getattr(receiver, _RECEIVER_JITTER_BUFFER, None)
+    if not isinstance(current, JitterBuffer):
+        log.warning("this aiortc has no receiver jitter buffer where expected; inbound audio keeps its delay")
+        return False
+    setattr(receiver, _RECEIVER_JITTER_BUFFER, JitterBuffer(capacity=current.capacity, prefetch=INBOUND_PREFETCH))
+    return True
 
 
 class InboundAudio:

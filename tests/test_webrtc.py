@@ -23,6 +23,7 @@ import pytest
 import speechkit
 from engine.speech.types import SamplingOptions
 from rtc_client import LocalServer, RealtimeClient, force_loopback_ice
+from signaling import tracks
 
 QUESTION = "What is the capital of France?"
 TTS_FRAMES = 24  # ~1.1 s of audio per sentence from the random tiny checkpoint
@@ -76,6 +77,10 @@ async def test_speech_in_transcript_and_spoken_reply_out(server, connect):
     assert speechkit.wer(QUESTION, heard["transcript"]) <= 0.25, heard["transcript"]
     # What reached the server was Opus decoded to 48 kHz (aiortc hands it over as packed stereo).
     assert call.inbound[0].input_format == ("s16", "stereo", 48000)
+    # ...through the analysis-only jitter buffer (one packet, not aiortc's 4 = 80 ms of delay); this
+    # fails if an aiortc upgrade moves the private attribute use_shallow_jitter_buffer replaces.
+    receivers = [t.receiver for t in call.pc.getTransceivers() if t.receiver.track is call.inbound[0].track]
+    assert [getattr(r, tracks._RECEIVER_JITTER_BUFFER)._prefetch for r in receivers] == [tracks.INBOUND_PREFETCH]
     t_speech_end = await client.mic.played()
 
     started = await client.wait_for("output_audio_buffer.started", timeout=30)
