@@ -58,7 +58,7 @@ async def serve(args: argparse.Namespace) -> None:
 
         checkpoint = make_tiny_checkpoint(workdir / "tiny-s1-mini", "s1-mini", seed=0)
     settings = Settings(checkpoint=str(checkpoint), device=args.device, data_dir=workdir / "data",
-                        max_sessions=256, rtc_liveness_timeout=15.0)
+                        max_sessions=256, rtc_liveness_timeout=15.0, turn_detection=args.turn_detection)
     runner = web.AppRunner(create_app(settings))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -69,7 +69,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, __file__, "--serve", "--device", args.device]
+    cmd = [sys.executable, __file__, "--serve", "--device", args.device, "--turn-detection", args.turn_detection]
     if args.checkpoint:
         cmd += ["--checkpoint", args.checkpoint]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
@@ -298,6 +298,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="checkpoint directory (default: a tiny random s1-mini)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--turn-detection", choices=["server_vad", "semantic_vad"], default="server_vad",
+                        help="the server's default end of turn (server_vad: 500 ms of silence; semantic_vad: "
+                             "Smart Turn, eagerness auto)")
     parser.add_argument("--turns", type=int, default=3, help="voice-to-voice turns (0 skips that part)")
     parser.add_argument("--tts-requests", type=int, default=5, help="data-channel TTS requests (0 skips)")
     parser.add_argument("--frames", type=int, default=43, help="max_new_tokens per request (43 = 2 s of audio)")
