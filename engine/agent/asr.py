@@ -34,9 +34,11 @@ DEFAULT_BEAM_SIZE = 5
 # Whisper pads every input to a 30 s window, and that encoder pass is most of a short turn's cost
 # (tiny.en on 2 cores: ~330 ms of a ~500 ms pass). For turns, the encoder sees only the audio plus
 # this much padding; CTranslate2 accepts the shorter input. bench/bench_asr.py, tiny.en, VAD-cut
-# turns: 30 s window 14.1 % WER / 573 ms per turn; turn + 8 s 12.8 % / 250 ms; + 4 s 13.4 % / 216 ms.
-# Much shorter margins make Whisper repeat itself (turn + 1 s: 46 % before the retry guard).
-DEFAULT_WINDOW_MARGIN_S = 8.0
+# turns: 30 s window 14.1 % WER / 573 ms per turn; turn + 15 s 12.5 % / 315 ms; + 8 s 12.8 % / 250 ms.
+# Below ~12 s single phrases flip with the turn's exact cut ("capital of France" -> "capital and
+# friends" for 0.1 s less lead-in), and much shorter margins make Whisper repeat itself (turn + 1 s:
+# 46 % WER before the retry guard).
+DEFAULT_WINDOW_MARGIN_S = 15.0
 FULL_WINDOW_FRAMES = 3000  # Whisper's 30 s of 10 ms mel frames
 
 
