@@ -21,8 +21,8 @@ from engine.fish.dual_ar_loader import init_random_weights
 from engine.fish.generate import generate_codes
 from engine.fish.models import load_models
 from engine.fish.presets import S1_MINI_CONFIG
-from engine.fish.quantize import (Int4Linear, Int8Embedding, Int8Linear, default_quantize, dequantize_int4,
-                                  int4_groups, int8_rows, quantize_module, weight_bytes)
+from engine.fish.quantize import (MIN_INT8_DIM, Int4Linear, Int8Embedding, Int8Linear, default_quantize,
+                                  dequantize_int4, int4_groups, int8_rows, quantize_module, weight_bytes)
 from engine.speech.types import SamplingOptions
 from server.__main__ import settings_from_args, settings_parser
 from server.services import Services, _load_tts
@@ -152,6 +152,17 @@ def test_quantize_mode_is_checked():
     with pytest.raises(ValueError, match="quantize must be one of"):
         load_models("does-not-matter", "cpu", quantize="int3")
     assert default_quantize("cpu") in ("int8", "int4", "none") and default_quantize("cuda") == "none"
+
+
+def test_auto_quantizes_only_models_wide_enough_to_gain(tiny_s1_checkpoint):
+    """int8 pays where weight bytes bound a CPU step (the published widths), not for narrow models."""
+    assert default_quantize("cpu", MIN_INT8_DIM) == "int8" and default_quantize("cpu", 1024) == "int8"
+    assert default_quantize("cpu", 64) == "none" and default_quantize("cuda", 1024) == "none"
+    auto = load_models(tiny_s1_checkpoint, "cpu", quantize="auto")
+    assert auto.config.dim < MIN_INT8_DIM
+    assert not any(isinstance(m, (Int8Linear, Int4Linear)) for m in auto.model.modules())
+    forced = load_models(tiny_s1_checkpoint, "cpu", quantize="int8")
+    assert any(isinstance(m, Int8Linear) for m in forced.model.modules())
 
 
 def test_quantize_setting_reaches_the_engine(monkeypatch, tiny_checkpoint):

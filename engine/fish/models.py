@@ -112,6 +112,8 @@ def load_models(checkpoint: str | Path, device: str | None = None, dtype: str | 
     tokenizer = FishTokenizer.from_dir(directory, family=config.family)
     # The tokenizer is authoritative for the semantic range (spec §1.5).
     config = config.with_semantic_ids(tokenizer.semantic_begin_id, tokenizer.semantic_end_id)
+    if quantize in (None, "auto"):  # the device's default, now that the model's width is known
+        quant = default_quantize(dev, config.dim)
     if tokenizer.semantic_end_id >= config.vocab_size or tokenizer.im_end_id >= config.vocab_size:
         raise CheckpointError(f"tokenizer ids exceed the model vocabulary of {config.vocab_size}")
     if tokenizer.semantic_end_id - tokenizer.semantic_begin_id + 1 < config.codebook_size:

@@ -32,10 +32,19 @@ DEQUANT_ROWS = 8
 ROW_CHUNK = 4096  # rows quantized at a time (bounds the float32 temporaries while loading)
 
 
-def default_quantize(device: torch.device | str) -> QuantizeMode:
-    """int8 on a CPU (decoding there is bound by weight bytes), none on a GPU (the float path
-    with CUDA graphs is already fast and exact)."""
-    return "int8" if torch.device(device).type == "cpu" else "none"
+# Below this width a CPU decode step is bound by per-op overhead, not weight bytes, and int8's
+# per-call activation quantising only adds to it: the tiny test checkpoint (dim 64) speaks 0.19-0.25
+# CPU-s per call-second in float against 0.28-0.42 in int8 (bench_webrtc), sustaining 3 calls not 2.
+# The published models (dim 1024 and up) are bound by weight bytes and gain from int8.
+MIN_INT8_DIM = 512
+
+
+def default_quantize(device: torch.device | str, model_dim: int | None = None) -> QuantizeMode:
+    """int8 on a CPU (decoding there is bound by weight bytes) unless the model is narrower than
+    MIN_INT8_DIM; none on a GPU (the float path with CUDA graphs is already fast and exact)."""
+    if torch.device(device).type != "cpu" or (model_dim is not None and model_dim < MIN_INT8_DIM):
+        return "none"
+    return "int8"
 
 
 def check_mode(mode: str | None) -> QuantizeMode:
