@@ -1,7 +1,8 @@
 """Transcription while the user speaks, so the end of a turn finds its transcript (nearly) ready.
 
-Whisper costs about the same for 1 s of audio as for 10 s (it always encodes a 30 s window), so
-on a small CPU the useful moment to transcribe is the start of a pause: the VAD then still waits
+A Whisper pass costs a few hundred milliseconds on a small CPU, most of it fixed (the encoder sees
+the turn plus a 15 s margin, see asr.py; the decoder runs per word), so the useful moment to
+transcribe is the start of a pause: the VAD then still waits
 `silence_duration_ms` before it ends the turn, and a pass over the audio so far, started at the
 pause, covers every word the turn will hold. `IncrementalTranscriber` therefore runs a pass over
 the growing turn audio at each pause (after `pause_ms` below the VAD's threshold), and after each
