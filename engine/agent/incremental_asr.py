@@ -2,9 +2,9 @@
 
 A Whisper pass costs a few hundred milliseconds on a small CPU, most of it fixed (the encoder sees
 the turn plus a 15 s margin, see asr.py; the decoder runs per word), so the useful moment to
-transcribe is the start of a pause: the VAD then still waits
-`silence_duration_ms` before it ends the turn, and a pass over the audio so far, started at the
-pause, covers every word the turn will hold. `IncrementalTranscriber` therefore runs a pass over
+transcribe is the start of a pause: the VAD then still waits `silence_duration_ms` before it ends
+the turn, and a pass over the audio so far, started at the pause, covers every word the turn will
+hold. `IncrementalTranscriber` therefore runs a pass over
 the growing turn audio at each pause (after `pause_ms` below the VAD's threshold), and after each
 `interval_ms` of new speech while passes fit the VAD's silence window (`budget_ms`: a slower pass
 still running when the turn ends would delay the final one). One pass at a time on the shared
