@@ -62,6 +62,16 @@ async def append_audio(conn, audio: bytes, chunk_ms: int = 100, paced: bool = Fa
         await conn.input_audio_buffer.append(audio=base64.b64encode(audio[i:i + chunk]).decode())
 
 
+async def start_text_session_with_server_vad(conn, max_output_tokens: int) -> None:
+    """After session.created: text replies only, 24 kHz PCM in, turns ended by 500 ms of silence."""
+    await events_until(conn, "session.created", 20)
+    await conn.session.update(session={
+        "type": "realtime", "output_modalities": ["text"], "max_output_tokens": max_output_tokens,
+        "audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000},
+                            "turn_detection": {"type": "server_vad", "silence_duration_ms": 500}}}})
+    await events_until(conn, "session.updated", 20)
+
+
 def pcm24k(text: str, lead: float = 0.3, tail: float = 1.0) -> bytes:
     return speechkit.pcm24k_bytes(speechkit.speech_with_gaps([lead, text, tail])[0])
 
@@ -144,12 +154,7 @@ async def test_live_speech_gets_transcription_deltas_that_add_up_to_the_complete
     order, for the spoken item, before `completed`, and together they are its transcript."""
     spoken = ("Please turn on the kitchen lights.", "What is the weather going to be like tomorrow in Paris?")
     async with client_for(server).realtime.connect(model="gpt-realtime") as conn:
-        await events_until(conn, "session.created", 20)
-        await conn.session.update(session={
-            "type": "realtime", "output_modalities": ["text"], "max_output_tokens": 8,
-            "audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000},
-                                "turn_detection": {"type": "server_vad", "silence_duration_ms": 500}}}})
-        await events_until(conn, "session.updated", 20)
+        await start_text_session_with_server_vad(conn, max_output_tokens=8)
         pcm16k, _ = speechkit.speech_with_gaps([0.3, spoken[0], 0.3, spoken[1], 1.0])
         audio = speechkit.pcm24k_bytes(pcm16k)
         events: list = []
@@ -248,12 +253,7 @@ async def test_a_text_only_session_answers_a_spoken_turn_in_text(server):
     """`output_modalities: ["text"]` holds for the responses server VAD starts too, not only for
     the client's own response.create."""
     async with client_for(server).realtime.connect(model="gpt-realtime") as conn:
-        await events_until(conn, "session.created", 20)
-        await conn.session.update(session={
-            "type": "realtime", "output_modalities": ["text"], "max_output_tokens": 30,
-            "audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000},
-                                "turn_detection": {"type": "server_vad", "silence_duration_ms": 500}}}})
-        await events_until(conn, "session.updated", 20)
+        await start_text_session_with_server_vad(conn, max_output_tokens=30)
         await append_audio(conn, pcm24k(QUESTION))
         events = await events_until(conn, "response.done", 90)
         types_seen = [e.type for e in events]

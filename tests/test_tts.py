@@ -43,39 +43,35 @@ async def test_stream_yields_chunks_every_n_frames(tts_engine):
     assert np.isfinite(audio).all() and np.abs(audio).max() > 0
 
 
-async def test_streamed_audio_equals_whole_decode_of_the_same_codes(tts_engine):
+async def whole_decode(tts_engine, text: str, sampling: SamplingOptions) -> tuple[torch.Tensor, np.ndarray]:
+    """The codes the engine generates for `text` (no reference), and their one-shot codec decode."""
     from engine.fish.generate import generate_codes
     from engine.fish.prompt import build_prompt
 
     m = tts_engine.models
-    request = TTSRequest(text="Streaming check.", sampling=GREEDY8, stream_every_frames=2, normalize=False)
-    streamed = np.concatenate([c.pcm for c in await _collect(tts_engine, request)])
-    prompt = build_prompt(m.tokenizer, m.family, "Streaming check.", references=[], history=[],
+    prompt = build_prompt(m.tokenizer, m.family, text, references=[], history=[],
                           num_codebooks=m.config.num_codebooks)
     codes = await asyncio.wrap_future(tts_engine.worker.call(
-        lambda: generate_codes(m.runner, torch.as_tensor(prompt), GREEDY8, 8)))
+        lambda: generate_codes(m.runner, torch.as_tensor(prompt), sampling, sampling.max_new_tokens)))
     with torch.inference_mode():
-        whole = m.codec.decode(codes).float().numpy().reshape(-1)
+        return codes, m.codec.decode(codes).float().numpy().reshape(-1)
+
+
+async def test_streamed_audio_equals_whole_decode_of_the_same_codes(tts_engine):
+    request = TTSRequest(text="Streaming check.", sampling=GREEDY8, stream_every_frames=2, normalize=False)
+    streamed = np.concatenate([c.pcm for c in await _collect(tts_engine, request)])
+    _, whole = await whole_decode(tts_engine, "Streaming check.", GREEDY8)
     assert streamed.shape == whole.shape
     assert np.abs(streamed - whole).max() < 1e-4
 
 
 async def test_default_cadence_starts_small_and_streams_the_whole_decode(tts_engine):
     """Without a request cadence the pushes may grow; the audio is still exactly the whole decode."""
-    from engine.fish.generate import generate_codes
-    from engine.fish.prompt import build_prompt
-
-    m = tts_engine.models
     sampling = SamplingOptions(greedy=True, max_new_tokens=40)
     chunks = await _collect(tts_engine, TTSRequest(text="Cadence check.", sampling=sampling, normalize=False))
     frames = [c.frames for c in chunks]
     assert frames[0] == tts_engine.stream_every_frames and max(frames) <= tts_engine.max_stream_frames
-    prompt = build_prompt(m.tokenizer, m.family, "Cadence check.", references=[], history=[],
-                          num_codebooks=m.config.num_codebooks)
-    codes = await asyncio.wrap_future(tts_engine.worker.call(
-        lambda: generate_codes(m.runner, torch.as_tensor(prompt), sampling, 40)))
-    with torch.inference_mode():
-        whole = m.codec.decode(codes).float().numpy().reshape(-1)
+    codes, whole = await whole_decode(tts_engine, "Cadence check.", sampling)
     streamed = np.concatenate([c.pcm for c in chunks])
     assert sum(frames) == codes.shape[1] and streamed.shape == whole.shape
     assert np.abs(streamed - whole).max() < 1e-4
