@@ -139,14 +139,30 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 
 def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process, all its threads (Linux /proc)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime (fields 14, 15)
+    """User + system CPU seconds of a process, all its threads, plus those of its live child
+    processes (the server's TTS process) (Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:  # a child that exited between listing and reading
+        return 0.0
+    own = (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime (fields 14, 15)
+    return own + sum(process_cpu_seconds(child) for child in _children(pid))
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else []:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(c) for c in f.read().split()]
+        except FileNotFoundError:
+            pass
+    return out
 
 
 class CPUMeter:
-    """CPU seconds the server process and this (client) process used over a window."""
+    """CPU seconds the server (with its TTS process) and this (client) process used over a window."""
 
     def __init__(self, server_pid: int) -> None:
         self.server_pid = server_pid

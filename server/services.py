@@ -98,11 +98,15 @@ def _timed(services: Services, name: str, fn):
 
 
 def _load_tts(settings: Settings):
+    load = dict(checkpoint=settings.checkpoint, device=settings.device, dtype=settings.dtype,
+                decode_slots=settings.decode_slots, quantize=settings.quantize, threads=settings.torch_threads)
+    if settings.tts_process:
+        from engine.speech.tts_process import TTSProcess
+
+        return TTSProcess(load)
     from engine.speech.tts import TTSEngine
 
-    return TTSEngine.load(settings.checkpoint, device=settings.device, dtype=settings.dtype,
-                          decode_slots=settings.decode_slots, quantize=settings.quantize,
-                          threads=settings.torch_threads)
+    return TTSEngine.load(**load)
 
 
 def _load_asr(settings: Settings):

@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     decode_slots: int | None = Field(None, ge=0)  # static decode slots (CUDA graphs); default 4 on CUDA, 0 on CPU
     quantize: Literal["auto", "none", "int8", "int4"] = "auto"  # weight-only int8/int4 on CPU; auto: see README
     torch_threads: int = Field(0, ge=0)  # model threads; 0: on CPU all cores but one (the event loop's)
+    tts_process: bool = True  # the TTS model in its own process, off the event loop's GIL (engine.speech.tts_process)
     mode: Literal["agent", "tts"] = "agent"  # what a job without a `tts` flag does
 
     # --- network

@@ -28,8 +28,7 @@ from engine.fish.models import FishModels, load_models
 from engine.fish.prompt import build_prompt
 from engine.fish.generate import FrameGenerator
 from engine.speech.scheduler import BatchableStep, ModelWorker
-from engine.text.chunks import split_text
-from engine.text.normalize import normalize_text
+from engine.speech.text import TTSInputError, speakable_chunks
 from engine.speech.types import AudioChunk, Reference, TTSRequest
 
 log = logging.getLogger(__name__)
@@ -54,10 +53,6 @@ def model_threads(device: torch.device, requested: int = 0) -> int | None:
     if device.type != "cpu":
         return None
     return max(1, len(os.sched_getaffinity(0)) - 1)
-
-
-class TTSInputError(ValueError):
-    """The request cannot be synthesised as given (empty text, unusable reference)."""
 
 
 class ReferenceCache:
@@ -212,11 +207,7 @@ class TTSEngine:
 
     # --- synthesis
     def prepare_text(self, request: TTSRequest) -> list[str]:
-        text = normalize_text(request.text) if request.normalize else request.text
-        chunks = [c for c in split_text(text, request.chunk_length) if c.strip()]
-        if not chunks:
-            raise TTSInputError("text is empty")
-        return chunks
+        return speakable_chunks(request)
 
     async def stream(self, request: TTSRequest) -> AsyncIterator[AudioChunk]:
         chunks = self.prepare_text(request)
