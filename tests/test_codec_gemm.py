@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.fish.codec.layers import CausalConv1d, CausalConvTranspose1d, gemm_conv1d, gemm_conv_transpose1d
+from engine.fish.codec.layers import (ONEDNN_MIN_ELEMENTS, CausalConv1d, CausalConvTranspose1d, gemm_conv1d,
+                                      gemm_conv_transpose1d)
 
 
 @pytest.mark.parametrize("c_in,c_out,k,dilation,length,batch", [
@@ -25,6 +26,12 @@ def test_gemm_conv1d_matches_conv1d(c_in, c_out, k, dilation, length, batch):
 
 def test_gemm_conv1d_declines_a_long_input_with_a_small_weight():
     assert gemm_conv1d(torch.randn(1, 8, 4000), torch.randn(8, 8, 7), None, 1) is None
+    # ... unless it is dilated and small enough that torch would use its slow reference kernel
+    x, w = torch.randn(1, 8, 2102), torch.randn(8, 8, 7)
+    assert x.numel() <= ONEDNN_MIN_ELEMENTS
+    got = gemm_conv1d(x, w, None, 9)
+    assert got is not None and torch.allclose(got, F.conv1d(x, w, dilation=9), atol=1e-5)
+    assert gemm_conv1d(torch.randn(1, 96, 8000), torch.randn(96, 96, 7), None, 9) is None  # oneDNN's size
 
 
 @pytest.mark.parametrize("c_in,c_out,stride,m,length,batch", [

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.speech.tts import AHEAD_SECONDS, PushCadence, TTSEngine, TTSInputError, model_threads
+from engine.speech.tts import (AHEAD_SECONDS, PushCadence, TTSEngine, TTSInputError, first_push_frames,
+                               model_threads)
 from engine.speech.types import Reference, SamplingOptions, TTSRequest
 
 GREEDY8 = SamplingOptions(greedy=True, max_new_tokens=8)
@@ -91,6 +92,26 @@ def test_push_cadence_grows_only_while_the_listener_is_ahead():
     fixed = PushCadence(3, 3, clock=lambda: now[0])
     fixed.emitted(10.0)
     assert fixed.due(3), "a fixed cadence never grows"
+
+
+def test_a_first_chunk_under_load_is_longer():
+    assert [first_push_frames(2, n) for n in (1, 3, 4, 6, 7)] == [2, 2, 3, 3, 4]
+    load = [1]
+    cadence = PushCadence(2, 8, first=lambda: first_push_frames(2, load[0]))
+    assert cadence.due(2), "alone: the first chunk is as short as ever"
+    load[0] = 6
+    cadence = PushCadence(2, 8, first=lambda: first_push_frames(2, load[0]))
+    assert not cadence.due(2) and cadence.due(3)
+    cadence.emitted(0.14)
+    assert cadence.due(2), "after the first chunk, the usual cadence"
+
+
+async def test_concurrent_requests_start_with_longer_chunks(tts_engine):
+    requests = [TTSRequest(text="Hello there.", sampling=SamplingOptions(max_new_tokens=12, seed=i)) for i in range(4)]
+    streams = await asyncio.gather(*(_collect(tts_engine, r) for r in requests))
+    assert [chunks[0].frames for chunks in streams] == [3, 3, 3, 3]  # 4 requests in progress: 2 + 1 frames
+    alone = await _collect(tts_engine, requests[0])
+    assert alone[0].frames == 2
 
 
 def test_model_threads_leave_the_event_loop_a_core_on_cpu():
