@@ -169,6 +169,12 @@ def test_quantize_setting_reaches_the_engine(monkeypatch, tiny_checkpoint):
     monkeypatch.setenv("QUANTIZE", "int4")
     settings = settings_from_args(settings_parser().parse_args(["--checkpoint", str(tiny_checkpoint), "--device", "cpu"]))
     assert settings.quantize == "int4"
+    engine = _load_tts(settings)  # in its own process (TTS_PROCESS defaults on)
+    try:
+        assert engine.facts["quantize"] == "int4"
+    finally:
+        engine.close()
+    settings.tts_process = False
     engine = _load_tts(settings)
     try:
         assert engine.models.quantize == "int4"

@@ -73,6 +73,11 @@ class TTSProcess:
         return self._facts["num_codebooks"]
 
     @property
+    def facts(self) -> dict[str, Any]:
+        """What the child loaded: sample_rate, num_codebooks, quantize, device, family."""
+        return dict(self._facts)
+
+    @property
     def active_requests(self) -> int:
         return len(self._streams)
 
@@ -271,7 +276,9 @@ def child_main(conn: Connection, load_kwargs: dict[str, Any], log_level: int = l
     except BaseException as exc:  # noqa: BLE001 - the reason goes to the parent, which reports it
         conn.send(("failed", str(exc) or type(exc).__name__))
         return
-    conn.send(("ready", {"sample_rate": engine.sample_rate, "num_codebooks": engine.num_codebooks}))
+    models = engine.models
+    conn.send(("ready", {"sample_rate": engine.sample_rate, "num_codebooks": engine.num_codebooks,
+                         "quantize": models.quantize, "device": str(models.device), "family": models.family}))
     try:
         asyncio.run(_serve(engine, conn))
     finally:
