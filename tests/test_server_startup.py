@@ -89,14 +89,14 @@ def test_decode_slots_setting_reaches_the_engine(monkeypatch, tiny_checkpoint):
                                                                 "--device", "cpu"]))
     engine = _load_tts(settings)
     try:
-        assert engine.models.runner.static is not None and engine.models.runner.static.slots == 2
+        assert engine.facts["decode_slots"] == 2  # as the TTS process loaded it
     finally:
         engine.close()
     monkeypatch.setenv("DECODE_SLOTS", "0")
     engine = _load_tts(settings_from_args(settings_parser().parse_args(["--checkpoint", str(tiny_checkpoint),
                                                                         "--device", "cpu"])))
     try:
-        assert engine.models.runner.static is None
+        assert engine.facts["decode_slots"] == 0
     finally:
         engine.close()
 

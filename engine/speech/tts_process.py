@@ -74,7 +74,7 @@ class TTSProcess:
 
     @property
     def facts(self) -> dict[str, Any]:
-        """What the child loaded: sample_rate, num_codebooks, quantize, device, family."""
+        """What the child loaded: sample_rate, num_codebooks, quantize, device, family, decode_slots."""
         return dict(self._facts)
 
     @property
@@ -278,7 +278,8 @@ def child_main(conn: Connection, load_kwargs: dict[str, Any], log_level: int = l
         return
     models = engine.models
     conn.send(("ready", {"sample_rate": engine.sample_rate, "num_codebooks": engine.num_codebooks,
-                         "quantize": models.quantize, "device": str(models.device), "family": models.family}))
+                         "quantize": models.quantize, "device": str(models.device), "family": models.family,
+                         "decode_slots": models.runner.static.slots if models.runner.static is not None else 0}))
     try:
         asyncio.run(_serve(engine, conn))
     finally:
