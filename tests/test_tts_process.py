@@ -107,6 +107,7 @@ async def test_a_killed_child_fails_its_requests_and_comes_back(tiny_checkpoint)
         assert len(await engine.synthesize(request(6))) > 0
     finally:
         engine.close()
+    assert engine.exitcode == 0, "close() lets the child finish cleanly rather than killing it"
     with pytest.raises(TTSProcessError, match="closed"):
         await engine.synthesize(request(4))
 

@@ -85,6 +85,11 @@ class TTSProcess:
     def pid(self) -> int | None:
         return self._process.pid
 
+    @property
+    def exitcode(self) -> int | None:
+        """The child's exit code once it has ended (0 after a clean `close`), else None."""
+        return self._process.exitcode
+
     def prepare_text(self, request: TTSRequest) -> list[str]:
         return speakable_chunks(request)
 
@@ -136,9 +141,9 @@ class TTSProcess:
         return await asyncio.wrap_future(future)
 
     def close(self) -> None:
+        self._send_quietly(("close",))  # before marking it closed, which refuses every send
         self._closed = True
         self._up.clear()
-        self._send_quietly(("close",))
         self._process.join(timeout=10)
         if self._process.is_alive():
             self._process.kill()
