@@ -88,6 +88,13 @@ async def test_closing_a_stream_stops_the_work_in_the_child(tts_process):
     assert tts_process.active_requests == 0
 
 
+async def test_ctrl_c_is_left_to_the_parent(tts_process):
+    os.kill(tts_process.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends the whole process group
+    await asyncio.sleep(0.5)
+    assert (await tts_process.child_status())["pid"] == tts_process.pid
+    assert tts_process.restarts == 0 and len(await tts_process.synthesize(request(4))) > 0
+
+
 async def test_a_killed_child_fails_its_requests_and_comes_back(tiny_checkpoint):
     engine = TTSProcess(dict(checkpoint=tiny_checkpoint, device="cpu"))
     try:

@@ -20,6 +20,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -273,6 +274,9 @@ def _put(target: tuple[asyncio.AbstractEventLoop, asyncio.Queue], item: object) 
 def child_main(conn: Connection, load_kwargs: dict[str, Any], log_level: int = logging.WARNING) -> None:
     """The child's entry point: load the engine, say so, then serve requests until told to stop
     or until the parent's end of the pipe closes (the parent died)."""
+    # Ctrl-C in a terminal reaches the whole process group: the parent decides when the child stops
+    # (its close, or the pipe closing when it dies), never the child on its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(asctime)s tts-process %(levelname)s %(name)s: %(message)s")
     from engine.speech.tts import TTSEngine
 
