@@ -29,7 +29,7 @@ from engine.fish.prompt import build_prompt
 from engine.fish.generate import FrameGenerator
 from engine.speech.scheduler import BatchableStep, ModelWorker
 from engine.speech.text import TTSInputError, speakable_chunks
-from engine.speech.types import AudioChunk, Reference, TTSRequest
+from engine.speech.types import AudioChunk, Reference, TTSRequest, synthesize_whole
 
 log = logging.getLogger(__name__)
 
@@ -253,8 +253,7 @@ class TTSEngine:
             job.cancel()  # closing or cancelling the consumer stops the model work
 
     async def synthesize(self, request: TTSRequest) -> np.ndarray:
-        parts = [chunk.pcm async for chunk in self.stream(request)]
-        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+        return await synthesize_whole(self, request)
 
     def _steps(self, request: TTSRequest, chunks: list[str], references: list[tuple[str, np.ndarray]],
                emit) -> Iterator[BatchableStep | None]:

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.speech.types import AudioChunk, TTSRequest
+from engine.speech.types import AudioChunk, TTSRequest, synthesize_whole
 from engine.speech.text import speakable_chunks
 
 log = logging.getLogger(__name__)
@@ -118,8 +118,7 @@ class TTSProcess:
                 self._send_quietly(("cancel", rid))
 
     async def synthesize(self, request: TTSRequest) -> np.ndarray:
-        parts = [chunk.pcm async for chunk in self.stream(request)]
-        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+        return await synthesize_whole(self, request)
 
     async def encode_reference(self, audio: bytes, *, use_memory_cache: bool = True,
                                pcm: np.ndarray | None = None) -> np.ndarray:

@@ -82,3 +82,9 @@ class SpeechSynthesizer(Protocol):
     def close(self) -> None:
         """Stop the engine's model work for good (server shutdown)."""
         ...
+
+
+async def synthesize_whole(tts: SpeechSynthesizer, request: TTSRequest) -> np.ndarray:
+    """All of a request's audio at once (float32 mono at `tts.sample_rate`), for any synthesizer."""
+    parts = [chunk.pcm async for chunk in tts.stream(request)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
