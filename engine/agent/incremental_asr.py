@@ -1,13 +1,14 @@
 """Transcription while the user speaks, so the end of a turn finds its transcript (nearly) ready.
 
 A Whisper pass costs a few hundred milliseconds on a small CPU, most of it fixed (the encoder sees
-the turn plus a 15 s margin, see asr.py; the decoder runs per word), so the useful moment to
+the turn plus a margin, see asr.py; the decoder runs per word), so the useful moment to
 transcribe is the start of a pause: the VAD then still waits `silence_duration_ms` before it ends
 the turn, and a pass over the audio so far, started at the pause, covers every word the turn will
-hold. `IncrementalTranscriber` therefore runs a pass over
-the growing turn audio at each pause (after `pause_ms` below the VAD's threshold), and after each
-`interval_ms` of new speech while passes fit the VAD's silence window (`budget_ms`: a slower pass
-still running when the turn ends would delay the final one). One pass at a time on the shared
+hold. `IncrementalTranscriber` therefore runs a pass over the growing turn audio at each pause
+(after `pause_ms` below the VAD's threshold), and after each `interval_ms` of new speech while two
+passes fit the VAD's silence window (`budget_ms`): a pass still running when the pause comes delays
+the pause pass by up to its own length, and the pause pass is what a speculative reply
+(conversation/speculation.py) and semantic_vad's answer wait for. One pass at a time on the shared
 ASR thread (none while one is in flight), and only while audio comes at about real time (a client
 that sends a recording at once gets no passes: they would only delay the one that counts). At the
 end of the turn the latest pass is the final transcript if it reaches past the speech's end;
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+PAUSE_MS = 100
 BURST_MS = 500  # how far audio may run ahead of the wall clock (network jitter) and still count as live
 _WORD = re.compile(r"\S+")
 _NOT_WORD = re.compile(r"[^\w']")
@@ -64,9 +66,13 @@ class IncrementalTranscriber:
     """One turn's transcript, kept current while the user speaks (one instance per turn)."""
 
     def __init__(self, asr: Transcriber, *, on_delta: Callable[[str], None] | None = None,
-                 interval_ms: int = 500, pause_ms: int = 100, min_ms: int = 1000, budget_ms: int = 500) -> None:
+                 on_pause_pass: Callable[[str, int], None] | None = None,
+                 interval_ms: int = 500, pause_ms: int = PAUSE_MS, min_ms: int = 1000, budget_ms: int = 500) -> None:
+        """`on_pause_pass(text, speech_end_ms)`: a pass started in a pause has landed; it holds every
+        word up to `speech_end_ms` (turn time), the turn's transcript if no speech follows."""
         self._asr = asr
         self._on_delta = on_delta
+        self._on_pause_pass = on_pause_pass
         self.interval_ms = interval_ms
         self.pause_ms = pause_ms
         self.min_ms = min_ms  # the least turn audio for a pass while the user still speaks
@@ -99,9 +105,10 @@ class IncrementalTranscriber:
         keeps_up = recent is None or recent * 1000 <= 0.8 * self.budget_ms  # margin: load varies
         if paused or (keeps_up and turn_ms >= self.min_ms and turn_ms - self._launched_ms >= self.interval_ms):
             self._launched_ms = turn_ms
-            self._task = asyncio.ensure_future(self._run_pass(detector.turn_audio()))
+            self._task = asyncio.ensure_future(self._run_pass(detector.turn_audio(),
+                                                              speech_end_ms if paused else None))
 
-    async def _run_pass(self, audio: np.ndarray) -> None:
+    async def _run_pass(self, audio: np.ndarray, paused_at_ms: int | None = None) -> None:
         try:
             text = await self._asr.transcribe(audio, turn=True)
         except Exception:  # noqa: BLE001 - a failed partial costs nothing: the end of turn retries
@@ -113,6 +120,8 @@ class IncrementalTranscriber:
         self._latest = (len(audio), text)
         if not self._finished:
             self._commit(agreed_prefix(self._previous, text))
+            if paused_at_ms is not None and self._on_pause_pass is not None:
+                self._on_pause_pass(text, paused_at_ms)
         self._previous = text
 
     def _commit(self, text: str) -> None:

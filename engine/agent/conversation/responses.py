@@ -3,6 +3,7 @@ cancelling one so that the history keeps only what the user heard."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections import OrderedDict
@@ -44,25 +45,42 @@ class Responder:
 
     # ------------------------------------------------------------------ starting
     def start(self, kind: ResponseKind, source: TextSource, request: TTSRequest, *, speak: bool = True,
-              tools: bool = False, t_speech_stopped: float | None = None, t_transcript: float | None = None) -> str:
-        """Queue a response; `speak=False` makes a text-only one (no TTS); `tools`: it may call tools."""
+              tools: bool = False, t_speech_stopped: float | None = None, t_transcript: float | None = None,
+              prepared: AsyncIterator[object] | None = None) -> str:
+        """Queue a response; `speak=False` makes a text-only one (no TTS); `tools`: it may call tools.
+        `prepared`: the reply items already being made (an adopted speculation), instead of
+        running `source` through the TTS here."""
         resp = Response(id=self._new_id("resp"), kind=kind, item_id=self._new_id("item"),
                         t_created=time.monotonic(), t_speech_stopped=t_speech_stopped, t_transcript=t_transcript,
                         speak=speak and self._tts is not None, tools=tools)
         self._responses[resp.id] = resp
         while len(self._responses) > KEEP_RESPONSES:
             self._responses.popitem(last=False)
-        resp.task = self._spawn(self._run(resp, source, request))
+        resp.task = self._spawn(self._run(resp, source, request, prepared))
         return resp.id
 
-    async def _run(self, resp: Response, source: TextSource, request: TTSRequest) -> None:
+    async def _run(self, resp: Response, source: TextSource, request: TTSRequest,
+                   prepared: AsyncIterator[object] | None = None) -> None:
+        try:
+            await self._generate(resp, source, request, prepared)
+        finally:
+            if prepared is not None:  # cancelled before its turn came: stop what is being made for it
+                await prepared.aclose()  # type: ignore[attr-defined]
+        if resp.playout:
+            self._spawn(self._watch_playout(resp))
+
+    async def _generate(self, resp: Response, source: TextSource, request: TTSRequest,
+                        prepared: AsyncIterator[object] | None) -> None:
         async with self._lock:
             self.current = resp
             self._outputs.emit(ResponseCreated(response_id=resp.id, item_id=resp.item_id, kind=resp.kind,
                                                audio=resp.speak, tools=resp.tools))
             try:
-                async for item in spoken_reply(source(), self._tts if resp.speak else None, request):
-                    self._on_reply_item(resp, item)
+                items = prepared if prepared is not None else spoken_reply(
+                    source(), self._tts if resp.speak else None, request)
+                async with contextlib.aclosing(items) as stream:  # type: ignore[type-var]
+                    async for item in stream:
+                        self._on_reply_item(resp, item)
             except ReplyError as exc:
                 resp.status = "failed"
                 # What will still play out (or, without a voice, the text already shown).
@@ -80,8 +98,6 @@ class Responder:
                 self._outputs.emit(ResponseTextDone(response_id=resp.id, item_id=resp.item_id,
                                                     transcript=resp.text))
                 self._emit_done(resp, resp.text)
-        if resp.playout:
-            self._spawn(self._watch_playout(resp))
 
     def _on_reply_item(self, resp: Response, item: object) -> None:
         if isinstance(item, TextDelta):
@@ -142,6 +158,10 @@ class Responder:
             await asyncio.sleep(min(remaining, 0.25))
 
     # ------------------------------------------------------------------ while it runs
+    @property
+    def generating(self) -> bool:
+        return self.current is not None and self.current.generating
+
     def active(self) -> bool:
         """Generating, or its audio still playing."""
         resp = self.current

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Literal
 
@@ -21,10 +22,11 @@ from engine.agent.conversation.events import Output, TurnDetection, UserDtmf, Us
 from engine.agent.conversation.history import History, HistoryItem, Role
 from engine.agent.conversation.outputs import OutputQueue
 from engine.agent.conversation.responses import Responder, tts_request
+from engine.agent.conversation.speculation import ReplyPlan, Speculation
 from engine.agent.conversation.tool_calls import with_tool_calls, without_tool_markup
 from engine.agent.conversation.turns import TurnInput
 from engine.agent.llm.base import ChatOptions, build_messages
-from engine.agent.reply_stream import ReplyError, one_shot
+from engine.agent.reply_stream import ReplyError, one_shot, spoken_reply
 from engine.agent.smart_turn import SemanticTurnDetection
 from engine.agent.tools import AUTO, Tool, ToolChoice, check_choice
 from engine.speech.types import Reference, SamplingOptions, SpeechSynthesizer, TTSRequest
@@ -97,11 +99,14 @@ class ConversationSession:
         self._outputs = OutputQueue()
         self._tts_text: list[str] = []  # TTS mode: typed text waiting for create_response
         self._tasks: set[asyncio.Task] = set()
+        self._speculation: Speculation | None = None  # a reply started before its turn ended
+        self.speculations = {"started": 0, "adopted": 0, "dropped": 0}
         self._responses = Responder(tts=tts, outputs=self._outputs, history=self._history, spawn=self._spawn,
                                     new_id=self._new_id)
         self._turns = TurnInput(asr=asr, vad_model=vad_model, outputs=self._outputs, spawn=self._spawn,
                                 new_id=self._new_id, on_speech_started=self._on_speech_started,
-                                on_transcript=self._on_transcript, smart_turn=smart_turn)
+                                on_transcript=self._on_transcript, smart_turn=smart_turn,
+                                on_likely_transcript=self._speculate, on_transcript_void=self._drop_speculation)
         self.update(mode=mode, voice=voice, turn_detection=turn_detection, tools=tools, tool_choice=tool_choice)
 
     # ------------------------------------------------------------------ configuration
@@ -288,12 +293,15 @@ class ConversationSession:
 
     # ------------------------------------------------------------------ turns -> responses
     async def _on_speech_started(self, item_id: str) -> None:
+        self._drop_speculation()  # it answered a turn that has ended, or one that was dropped
         detection = self.turn_detection
         if detection is not None and detection.interrupt_response and self._responses.active():
             await self._responses.cancel("turn_detected")
 
     def _on_transcript(self, event: UserTranscript, t_speech_stopped: float, respond: bool) -> None:
+        speculation, self._speculation = self._speculation, None
         if not event.transcript.strip() or self.mode != "agent":
+            self._void(speculation)
             return  # a cough or noise, or TTS mode: nothing to answer
         self._history.add_user(event.transcript, item_id=event.item_id, source="audio")
         # If the user has already started another turn, answering now would talk over them:
@@ -302,34 +310,86 @@ class ConversationSession:
         talking_again = self._turns.user_speaking and detection is not None and detection.interrupt_response
         if respond and self._llm is not None and not talking_again:
             self._start_agent_response(speak=self.speak_replies, t_speech_stopped=t_speech_stopped,
-                                       t_transcript=event.t)
+                                       t_transcript=event.t, speculation=speculation)
+        else:
+            self._void(speculation)
+
+    def _void(self, speculation: Speculation | None) -> None:
+        if speculation is not None:
+            speculation.cancel()
+            self.speculations["dropped"] += 1
 
     def _start_agent_response(self, *, instructions: str | None = None, speak: bool = True,
                               voice: tuple[Reference, ...] | None = None, tools: tuple[Tool, ...] | None = None,
-                              tool_choice: ToolChoice | None = None, **times: float) -> str:
+                              tool_choice: ToolChoice | None = None, speculation: Speculation | None = None,
+                              **times: float) -> str:
         tools = self.tools if tools is None else tools
         choice = tool_choice or self.tool_choice
         calling = bool(tools) and choice.mode != "none"
+        request = self._speech_request(None, voice)
 
-        def reply() -> AsyncIterator[object]:
-            # Built when the response's turn comes, so it sees every earlier reply as heard.
+        def plan() -> ReplyPlan:
             try:
                 messages = build_messages(instructions or self.instructions, self._history.window(),
                                           self.chat.history_window)
             except ValueError as exc:  # nothing to answer: the response fails, the session goes on
                 raise ReplyError("llm", str(exc), code="empty_conversation") from exc
+            return self._plan(messages, speak=speak, tools=tools, choice=choice, request=request)
 
-            def stream(override: ToolChoice | None) -> AsyncIterator[object]:
-                return self._llm.stream_chat(  # type: ignore[union-attr]
-                    messages, max_tokens=self.chat.max_tokens, temperature=self.chat.temperature,
-                    **({"tools": tools, "tool_choice": override or choice} if calling else {}))
+        prepared = None
+        if speculation is not None:
+            if not self._responses.generating and speculation.plan.same_as(plan()):
+                prepared = speculation.replay()
+                self.speculations["adopted"] += 1
+                log.debug("speculative reply adopted %.0f ms after it started (%d items made)",
+                          (time.monotonic() - speculation.t_started) * 1000, speculation.made)
+            else:
+                self._void(speculation)
+        # Built when the response's turn comes, so it sees every earlier reply as heard.
+        return self._responses.start("agent", lambda: self._reply_text(plan()), request, speak=speak,
+                                     tools=calling, prepared=prepared, **times)
 
-            if calling:
-                return with_tool_calls(stream, tools, lambda: self._new_id("call"))
-            return without_tool_markup(stream(None))
+    def _plan(self, messages: list[dict], *, speak: bool, tools: tuple[Tool, ...], choice: ToolChoice,
+              request: TTSRequest) -> ReplyPlan:
+        return ReplyPlan(messages=messages, max_tokens=self.chat.max_tokens, temperature=self.chat.temperature,
+                         tools=tools, choice=choice, speak=speak and self._tts is not None, request=request)
 
-        return self._responses.start("agent", reply, self._speech_request(None, voice), speak=speak,
-                                     tools=calling, **times)
+    def _reply_text(self, plan: ReplyPlan) -> AsyncIterator[object]:
+        """The LLM's reply to `plan`: text deltas, and typed tool-call items when it may call tools."""
+        calling = bool(plan.tools) and plan.choice.mode != "none"
+
+        def stream(override: ToolChoice | None) -> AsyncIterator[object]:
+            return self._llm.stream_chat(  # type: ignore[union-attr]
+                plan.messages, max_tokens=plan.max_tokens, temperature=plan.temperature,
+                **({"tools": plan.tools, "tool_choice": override or plan.choice} if calling else {}))
+
+        if calling:
+            return with_tool_calls(stream, plan.tools, lambda: self._new_id("call"))
+        return without_tool_markup(stream(None))
+
+    # ------------------------------------------------------------------ speculative replies
+    def _speculate(self, transcript: str) -> None:
+        """The open turn's transcript is likely final (a pause pass covered all its speech): start
+        the reply it would get now, held until the turn ends (see speculation.py)."""
+        self._drop_speculation()
+        detection = self.turn_detection
+        if (self.mode != "agent" or self._llm is None or detection is None or not detection.create_response
+                or self._responses.generating or not transcript.strip()):
+            return
+        window = self._history.window() + [{"role": "user", "content": transcript}]
+        try:
+            messages = build_messages(self.instructions, window, self.chat.history_window)
+        except ValueError:
+            return
+        plan = self._plan(messages, speak=self.speak_replies, tools=self.tools, choice=self.tool_choice,
+                          request=self._speech_request(None, None))
+        items = spoken_reply(self._reply_text(plan), self._tts if plan.speak else None, plan.request)
+        self._speculation = Speculation(plan, items, self._spawn)
+        self.speculations["started"] += 1
+
+    def _drop_speculation(self) -> None:
+        speculation, self._speculation = self._speculation, None
+        self._void(speculation)
 
     def _speech_request(self, sampling: SamplingOptions | None, voice: tuple[Reference, ...] | None) -> TTSRequest:
         return tts_request(self.speech, references=self.voice if voice is None else tuple(voice),

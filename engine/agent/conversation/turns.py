@@ -31,13 +31,18 @@ class TurnInput:
 
     `on_speech_started(item_id)` runs at the start of speech (barge-in is decided there) and
     `on_transcript(event, t_speech_stopped, respond)` once a turn is transcribed.
+    `on_likely_transcript(text)` runs while a turn is still open, when a pass over all its speech so
+    far has landed in a pause (what the turn's transcript will be if it ends there), and
+    `on_transcript_void()` when that no longer holds because the user spoke on or the turn was dropped.
     """
 
     def __init__(self, *, asr: "Transcriber", vad_model: "SileroVAD", outputs: OutputQueue,
                  spawn: Callable, new_id: Callable[[str], str],
                  on_speech_started: Callable[[str], Awaitable[None]],
                  on_transcript: Callable[[UserTranscript, float, bool], None],
-                 smart_turn: "SmartTurn | None" = None) -> None:
+                 smart_turn: "SmartTurn | None" = None,
+                 on_likely_transcript: Callable[[str], None] | None = None,
+                 on_transcript_void: Callable[[], None] | None = None) -> None:
         self._asr = asr
         self._vad_model = vad_model
         self._smart_turn = smart_turn
@@ -46,6 +51,9 @@ class TurnInput:
         self._new_id = new_id
         self._on_speech_started = on_speech_started
         self._on_transcript = on_transcript
+        self._on_likely_transcript = on_likely_transcript
+        self._on_transcript_void = on_transcript_void
+        self._likely_end_ms: int | None = None  # where the speech ended for the likely transcript
         self.turn_detection: TurnDetection | SemanticTurnDetection | None = None
         self._detector: TurnDetector | None = None
         self._end_of_turn: SemanticEndOfTurn | None = None  # semantic_vad: Smart Turn over the same detector
@@ -96,6 +104,26 @@ class TurnInput:
                 self._speech_stopped(event)
         if self._live is not None and self._detector.in_speech:
             self._live.update(self._detector)
+        if self._likely_end_ms is not None and self._speech_end_ms() != self._likely_end_ms:
+            self._void_likely()  # the user spoke on (a finished turn has already taken it over)
+
+    def _speech_end_ms(self) -> int | None:
+        """Where the open turn's speech so far ends, in turn time (None between turns)."""
+        detector = self._detector
+        return detector.turn_ms - detector.pause_ms if detector is not None and detector.in_speech else None
+
+    def _pause_pass(self, item_id: str, text: str, speech_end_ms: int) -> None:
+        if self._turn_item != item_id or self._speech_end_ms() != speech_end_ms or not text.strip():
+            return  # the turn ended, or words came after the pass's audio
+        self._likely_end_ms = speech_end_ms
+        if self._on_likely_transcript is not None:
+            self._on_likely_transcript(text)
+
+    def _void_likely(self) -> None:
+        open_turn = self._speech_end_ms() is not None
+        self._likely_end_ms = None
+        if open_turn and self._on_transcript_void is not None:
+            self._on_transcript_void()
 
     async def commit(self) -> None:
         if self._detector is not None:
@@ -117,6 +145,10 @@ class TurnInput:
         self._drop_live()
         if self._detector is not None:
             self._detector.reset()
+        if self._likely_end_ms is not None:
+            self._likely_end_ms = None
+            if self._on_transcript_void is not None:
+                self._on_transcript_void()
 
     async def _speech_started(self, event: SpeechStarted) -> None:
         self._turn_item = item_id = self._new_id("item")
@@ -127,15 +159,18 @@ class TurnInput:
             budget = 2 * FIRST_CHECK_MS  # Smart Turn decides at the first short pause
         else:
             budget = detection.silence_duration_ms if detection is not None else 500
+        self._likely_end_ms = None
         self._live = IncrementalTranscriber(
             self._asr, budget_ms=budget,
-            on_delta=lambda delta: self._outputs.emit(UserTranscriptDelta(item_id=item_id, delta=delta)))
+            on_delta=lambda delta: self._outputs.emit(UserTranscriptDelta(item_id=item_id, delta=delta)),
+            on_pause_pass=lambda text, end_ms: self._pause_pass(item_id, text, end_ms))
         self._outputs.emit(UserSpeechStarted(item_id=self._turn_item, audio_start_ms=event.audio_start_ms))
         await self._on_speech_started(self._turn_item)
 
     def _speech_stopped(self, event: SpeechStopped) -> None:
         item_id = self._turn_item or self._new_id("item")
         self._turn_item = None
+        self._likely_end_ms = None  # the turn's transcript now decides (on_transcript)
         t_stopped = time.monotonic()
         self._outputs.emit(UserSpeechStopped(item_id=item_id, audio_end_ms=event.audio_end_ms))
         respond = self.turn_detection is not None and self.turn_detection.create_response
