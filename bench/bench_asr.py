@@ -233,33 +233,51 @@ async def run_incremental(args, asr, vad, items) -> list[dict]:
         live: IncrementalTranscriber | None = None
         deltas: list[str] = []
         finals: list[dict] = []
+        landed: list[tuple[float, int]] = []  # (wall time, speech end in turn ms) of each pause pass
+        speech_end: tuple[float, int] | None = None  # (wall time it was pushed, turn ms) of the latest speech end
         t0 = time.monotonic()
         for n, piece in enumerate(pieces):
             await asyncio.sleep(max(0.0, t0 + n * 0.02 - time.monotonic()))
             for event in detector.push(piece):
                 if isinstance(event, SpeechStarted):
                     live = IncrementalTranscriber(asr, on_delta=deltas.append, interval_ms=args.interval_ms,
-                                                  pause_ms=args.pause_ms)
+                                                  pause_ms=args.pause_ms,
+                                                  on_pause_pass=lambda _text, end: landed.append((time.monotonic(), end)))
+                    landed.clear()
+                    speech_end = None
                     continue
                 t_stop = time.monotonic()
                 final = await live.finish(event.audio, event.audio_end_ms - event.audio_start_ms)
                 final_ms = (time.monotonic() - t_stop) * 1000
                 w0 = time.perf_counter()
                 whole = await asr.transcribe(event.audio, turn=True)
+                # Speech end -> a pause pass covering all of it: when a reply could be speculated (server_vad),
+                # and what semantic_vad's answer waits for.
+                likely = [t for t, end in landed if speech_end is not None and end == speech_end[1]]
                 finals.append({"final": final, "final_ms": final_ms, "whole": whole, "passes": live.passes,
-                               "whole_ms": (time.perf_counter() - w0) * 1000, "reused": live.reused})
+                               "whole_ms": (time.perf_counter() - w0) * 1000, "reused": live.reused,
+                               "likely_ms": (likely[0] - speech_end[0]) * 1000 if likely else None})
                 live = None
             if live is not None and detector.in_speech:
                 live.update(detector)
+                end = detector.turn_ms - detector.pause_ms
+                if speech_end is None or end != speech_end[1]:
+                    speech_end = (time.monotonic(), end)
         row = {"ref": text, "voice": voice, "speed": speed, "hyp": " ".join(f["final"] for f in finals),
                "whole": " ".join(f["whole"] for f in finals), "final_ms": sum(f["final_ms"] for f in finals),
                "asr_ms": sum(f["whole_ms"] for f in finals), "passes": sum(f["passes"] for f in finals),
-               "reused": all(f["reused"] for f in finals), "deltas": "".join(deltas), "turns": len(finals)}
+               "reused": all(f["reused"] for f in finals), "deltas": "".join(deltas), "turns": len(finals),
+               "likely_ms": finals[-1]["likely_ms"] if finals else None}
         rows.append(row)
         note = "" if row["deltas"] == row["hyp"] else f" deltas {row['deltas']!r} != final"
         note += "" if row["whole"] == row["hyp"] else f" whole pass {row['whole']!r} != final {row['hyp']!r}"
-        print(f"  {voice:>10} {speed}: end of turn -> final {row['final_ms']:4.0f} ms (whole pass "
+        likely = "none" if row["likely_ms"] is None else f"{row['likely_ms']:4.0f} ms"
+        print(f"  {voice:>10} {speed}: speech end -> pause pass {likely}; end of turn -> final {row['final_ms']:4.0f} ms (whole pass "
               f"{row['asr_ms']:4.0f} ms), {row['passes']} passes, reused {row['reused']}{note}")
+    likely = sorted(r["likely_ms"] for r in rows if r["likely_ms"] is not None)
+    if likely:
+        print(f"  speech end -> a pause pass over all of it: median {statistics.median(likely):.0f} ms, "
+              f"p90 {likely[int(0.9 * (len(likely) - 1))]:.0f} ms, in {len(likely)}/{len(rows)} turns")
     whole_wer = wer([r["ref"] for r in rows], [r["whole"] for r in rows])
     print(f"  whole-turn passes over the same audio: WER {whole_wer:.1%}; "
           f"final reused a live pass in {sum(r['reused'] for r in rows)}/{len(rows)}; deltas add up to the final in "
