@@ -78,6 +78,7 @@ def realtime_config(settings: Settings) -> signaling.RealtimeConfig:
         max_sessions=settings.max_sessions, mode=settings.mode, instructions=settings.instructions,
         llm_max_tokens=settings.llm_max_tokens, sampling=settings.realtime_sampling, limits=limits,
         turn_detection=SemanticTurnDetection() if settings.turn_detection == "semantic_vad" else None,
+        speculative_replies=settings.speculative_replies,
         model_name=settings.checkpoint, telephony=signaling.TelephonyConfig(
             twilio_auth_token=settings.twilio_auth_token, public_url=settings.telephony_public_url,
             webhook_key=settings.telephony_webhook_key, token_secret=settings.telephony_token_secret,

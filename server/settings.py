@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     # How realtime sessions find the end of a user's turn unless they choose: silence (server_vad)
     # or Smart Turn's judgement at short pauses (semantic_vad, eagerness auto).
     turn_detection: Literal["server_vad", "semantic_vad"] = "server_vad"
+    # Start a turn's reply from the transcript of its pause, before the turn has ended; dropped unseen
+    # when the user speaks on (costs LLM tokens on an endpoint that charges for them).
+    speculative_replies: bool = True
 
     # --- realtime (read by signaling.install)
     ice_servers: Annotated[list[Any], NoDecode] = []  # STUN/TURN URLs or {urls, username, credential}

@@ -70,6 +70,7 @@ class RealtimeConfig:
     sampling: SamplingOptions = SamplingOptions()  # TTS sampling a session starts from
     # The turn detection a session starts with (None: server_vad's defaults).
     turn_detection: "TurnDetection | SemanticTurnDetection | None" = None
+    speculative_replies: bool = True  # replies started from a turn's pause transcript (see ConversationSession)
     limits: CallLimits = CallLimits()
     model_name: str = "fish-speech"  # what sessions report as their model
     telephony: TelephonyConfig = TelephonyConfig()

@@ -240,3 +240,50 @@ async def test_no_speculation_in_manual_turns_or_tts_mode(asr, vad, llm, tts_eng
             assert session.speculations["started"] == 0
         finally:
             await session.close()
+
+
+async def test_a_busy_shared_llm_gets_no_speculation_queued_in_front_of_another_reply(asr, vad, llm):
+    skip_without_models()
+    session = session_with(asr, vad, llm)
+    pcm, _ = speechkit.speech_with_gaps([0.3, QUESTION, 2.0])
+    # Another call's reply, generating through the whole turn.
+    other = llm.stream_chat([{"role": "user", "content": "Count from one to two hundred."}], max_tokens=400,
+                            temperature=0.0)
+    first = await other.__anext__()
+    assert first and llm.busy
+    try:
+        collector = asyncio.create_task(collect_until(session, is_event("response.done"), timeout=60))
+        await speak_live(session, pcm)
+        assert session.speculations["started"] == 0
+        await other.aclose()  # this call's reply gets the model now
+        items = await collector
+        assert events(items, "response.done")[0].data["response"]["status"] == "completed"
+    finally:
+        await other.aclose()
+        await session.close()
+    assert not llm.busy
+
+
+async def test_speculation_can_be_switched_off_by_the_server_setting(asr, vad, llm, monkeypatch, tmp_path):
+    skip_without_models()
+    from server.app import realtime_config
+    from server.settings import Settings
+    from signaling.configure import build_conversation
+    from signaling.options import SessionOptions
+
+    assert realtime_config(Settings(data_dir=tmp_path)).speculative_replies is True
+    monkeypatch.setenv("SPECULATIVE_REPLIES", "false")
+    config = realtime_config(Settings(data_dir=tmp_path))
+    assert config.speculative_replies is False
+    models = dataclasses.make_dataclass("Models", ["tts", "asr", "vad", "llm", "smart_turn", "loading"])(
+        None, asr, vad, llm, None, False)
+    session = await build_conversation(models, dataclasses.replace(config, turn_detection=PATIENT_VAD),
+                                       SessionOptions())
+    pcm, _ = speechkit.speech_with_gaps([0.3, QUESTION, 2.0])
+    try:
+        collector = asyncio.create_task(collect_until(session, is_event("response.done"), timeout=40))
+        await speak_live(session, pcm)
+        await collector
+        assert session.speculate is False and session.speculations["started"] == 0
+    finally:
+        await session.close()

@@ -78,10 +78,13 @@ class ConversationSession:
         speech: TTSRequest = TTSRequest(text=""),
         tools: tuple[Tool, ...] = (),
         tool_choice: ToolChoice = AUTO,
+        speculate: bool = True,
     ) -> None:
         """`smart_turn` (the shared Smart Turn model) makes `SemanticTurnDetection` available.
         `chat` sets the LLM's reply length/temperature; `speech` is the TTS request template
-        (chunk_length, normalize, ...): its text, voice and sampling are filled in per sentence."""
+        (chunk_length, normalize, ...): its text, voice and sampling are filled in per sentence.
+        `speculate`: start a turn's reply from the transcript of its pause, before the turn ends
+        (speculation.py); it is dropped unseen if the turn does not end as that transcript said."""
         self._tts = tts
         self._llm = llm
         self._ids = itertools.count(1)
@@ -99,6 +102,7 @@ class ConversationSession:
         self._outputs = OutputQueue()
         self._tts_text: list[str] = []  # TTS mode: typed text waiting for create_response
         self._tasks: set[asyncio.Task] = set()
+        self.speculate = speculate
         self._speculation: Speculation | None = None  # a reply started before its turn ended
         self.speculations = {"started": 0, "adopted": 0, "dropped": 0}
         self._responses = Responder(tts=tts, outputs=self._outputs, history=self._history, spawn=self._spawn,
@@ -373,9 +377,11 @@ class ConversationSession:
         the reply it would get now, held until the turn ends (see speculation.py)."""
         self._drop_speculation()
         detection = self.turn_detection
-        if (self.mode != "agent" or self._llm is None or detection is None or not detection.create_response
-                or self._responses.generating or not transcript.strip()):
+        if (not self.speculate or self.mode != "agent" or self._llm is None or detection is None
+                or not detection.create_response or self._responses.generating or not transcript.strip()):
             return
+        if getattr(self._llm, "busy", False):
+            return  # a guess must not queue in front of another call's real reply on a shared model
         window = self._history.window() + [{"role": "user", "content": transcript}]
         try:
             messages = build_messages(self.instructions, window, self.chat.history_window)

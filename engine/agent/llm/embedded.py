@@ -16,6 +16,7 @@ import asyncio
 import json
 import concurrent.futures
 import importlib.util
+from contextlib import aclosing
 import os
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -47,6 +48,7 @@ class EmbeddedLLM:
         self.name = name
         self._lock = threading.Lock()  # llama.cpp contexts are not re-entrant
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm")
+        self._streams = 0  # completions generating or waiting for the model
 
     @classmethod
     def load(cls, gguf_path: str | Path | None = None, *, n_ctx: int = 2048, n_threads: int | None = None,
@@ -77,9 +79,12 @@ class EmbeddedLLM:
                           ) -> AsyncIterator[str | ToolCallDelta]:
         msgs = validate_messages(messages)
         choice = tool_choice or AUTO
+        # Each completion is closed explicitly (aclosing): closing this iterator then stops the model
+        # at once, rather than whenever the garbage collector finalises the inner generator.
         if not tools or choice.mode == "none":
-            async for text in self._stream(as_plain_chat(msgs, ()), max_tokens, temperature):
-                yield text
+            async with aclosing(self._stream(as_plain_chat(msgs, ()), max_tokens, temperature)) as texts:
+                async for text in texts:
+                    yield text
             return
         chat = as_plain_chat(msgs, tools)
         if choice.mode == "function":
@@ -87,18 +92,20 @@ class EmbeddedLLM:
             if tool is None:
                 raise LLMError(f"tool_choice names {choice.name!r}, which is not among the tools")
             yield ToolCallDelta(index=0, name=tool.name)
-            async for text in self._stream(chat, max_tokens, temperature, schema=tool.parameters):
-                yield ToolCallDelta(index=0, arguments=text)
+            async with aclosing(self._stream(chat, max_tokens, temperature, schema=tool.parameters)) as texts:
+                async for text in texts:
+                    yield ToolCallDelta(index=0, arguments=text)
         elif choice.mode == "required":
-            written = "".join([t async for t in self._stream(chat, max_tokens, temperature,
-                                                             schema=any_call_schema(tools))])
+            async with aclosing(self._stream(chat, max_tokens, temperature, schema=any_call_schema(tools))) as texts:
+                written = "".join([t async for t in texts])
             for index, (name, arguments) in enumerate(parse_calls(written)):
                 yield ToolCallDelta(index=index, name=name, arguments=arguments)
         else:
             scanner = CallScanner()
-            async for text in self._stream(chat, max_tokens, temperature):
-                if (said := scanner.feed(text)):
-                    yield said
+            async with aclosing(self._stream(chat, max_tokens, temperature)) as texts:
+                async for text in texts:
+                    if (said := scanner.feed(text)):
+                        yield said
             if (said := scanner.flush()):
                 yield said
             for index, (name, arguments) in enumerate(parse_calls(scanner.calls)):
@@ -145,6 +152,7 @@ class EmbeddedLLM:
                 put(done)
 
         loop.run_in_executor(self._executor, generate)
+        self._streams += 1
         try:
             while True:
                 item = await queue.get()
@@ -154,7 +162,13 @@ class EmbeddedLLM:
                     raise item
                 yield item  # type: ignore[misc]
         finally:
+            self._streams -= 1
             stop.set()  # generation stops at the next token; the worker frees the lock itself
+
+    @property
+    def busy(self) -> bool:
+        """A completion is generating or queued (a speculative reply then waits for its turn's end)."""
+        return self._streams > 0
 
     async def aclose(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
