@@ -240,9 +240,9 @@ async def run_incremental(args, asr, vad, items) -> list[dict]:
             await asyncio.sleep(max(0.0, t0 + n * 0.02 - time.monotonic()))
             for event in detector.push(piece):
                 if isinstance(event, SpeechStarted):
-                    live = IncrementalTranscriber(asr, on_delta=deltas.append, interval_ms=args.interval_ms,
-                                                  pause_ms=args.pause_ms,
-                                                  on_pause_pass=lambda _text, end: landed.append((time.monotonic(), end)))
+                    live = IncrementalTranscriber(
+                        asr, on_delta=deltas.append, interval_ms=args.interval_ms, pause_ms=args.pause_ms,
+                        on_pause_pass=lambda _text, end: landed.append((time.monotonic(), end)))
                     landed.clear()
                     speech_end = None
                     continue
@@ -272,8 +272,9 @@ async def run_incremental(args, asr, vad, items) -> list[dict]:
         note = "" if row["deltas"] == row["hyp"] else f" deltas {row['deltas']!r} != final"
         note += "" if row["whole"] == row["hyp"] else f" whole pass {row['whole']!r} != final {row['hyp']!r}"
         likely = "none" if row["likely_ms"] is None else f"{row['likely_ms']:4.0f} ms"
-        print(f"  {voice:>10} {speed}: speech end -> pause pass {likely}; end of turn -> final {row['final_ms']:4.0f} ms (whole pass "
-              f"{row['asr_ms']:4.0f} ms), {row['passes']} passes, reused {row['reused']}{note}")
+        print(f"  {voice:>10} {speed}: speech end -> pause pass {likely}; end of turn -> final "
+              f"{row['final_ms']:4.0f} ms (whole pass {row['asr_ms']:4.0f} ms), {row['passes']} passes, "
+              f"reused {row['reused']}{note}")
     likely = sorted(r["likely_ms"] for r in rows if r["likely_ms"] is not None)
     if likely:
         print(f"  speech end -> a pause pass over all of it: median {statistics.median(likely):.0f} ms, "

@@ -287,3 +287,38 @@ async def test_speculation_can_be_switched_off_by_the_server_setting(asr, vad, l
         assert session.speculate is False and session.speculations["started"] == 0
     finally:
         await session.close()
+
+
+@pytest.mark.parametrize("drop", ["clear_audio", "manual_turns"])
+async def test_dropping_the_open_turn_drops_its_speculation(asr, vad, llm, drop):
+    skip_without_models()
+    session = session_with(asr, vad, llm)
+    pcm, _ = speechkit.speech_with_gaps([0.3, QUESTION, 2.0])
+    dropped = []
+
+    async def drop_the_turn_once_speculating(s: ConversationSession) -> None:
+        if s.speculations["started"] and not dropped:
+            dropped.append(drop)
+            if drop == "clear_audio":
+                s.clear_audio()  # input_audio_buffer.clear
+            else:
+                s.update(turn_detection=None)  # session.update to manual turns
+
+    seen: list = []
+
+    async def read() -> None:
+        async for item in session.outputs():
+            seen.append(item)
+
+    reader = asyncio.create_task(read())
+    try:
+        await speak_live(session, pcm, during=drop_the_turn_once_speculating)
+        await asyncio.sleep(1.0)
+        assert dropped, "no speculation started during the pause"
+        assert session.speculations == {"started": 1, "adopted": 0, "dropped": 1}
+        kinds = [type(i).__name__ for i in seen]
+        assert "ResponseCreated" not in kinds and "AudioOut" not in kinds and "ResponseTextDelta" not in kinds
+        assert session.history == []
+    finally:
+        await session.close()
+        await reader

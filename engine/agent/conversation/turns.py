@@ -76,6 +76,8 @@ class TurnInput:
         if params is None:
             self._drop_live()
             self._detector = None
+            if self._likely_end_ms is not None:
+                self._void_likely()  # the open turn is dropped with the detector
         elif self._detector is None:
             self._detector = TurnDetector(self._vad_model, params)
         else:
@@ -105,7 +107,7 @@ class TurnInput:
         if self._live is not None and self._detector.in_speech:
             self._live.update(self._detector)
         if self._likely_end_ms is not None and self._speech_end_ms() != self._likely_end_ms:
-            self._void_likely()  # the user spoke on (a finished turn has already taken it over)
+            self._void_likely()  # the user spoke on (a turn that ended has handed it to on_transcript)
 
     def _speech_end_ms(self) -> int | None:
         """Where the open turn's speech so far ends, in turn time (None between turns)."""
@@ -120,9 +122,8 @@ class TurnInput:
             self._on_likely_transcript(text)
 
     def _void_likely(self) -> None:
-        open_turn = self._speech_end_ms() is not None
         self._likely_end_ms = None
-        if open_turn and self._on_transcript_void is not None:
+        if self._on_transcript_void is not None:
             self._on_transcript_void()
 
     async def commit(self) -> None:
@@ -146,9 +147,7 @@ class TurnInput:
         if self._detector is not None:
             self._detector.reset()
         if self._likely_end_ms is not None:
-            self._likely_end_ms = None
-            if self._on_transcript_void is not None:
-                self._on_transcript_void()
+            self._void_likely()
 
     async def _speech_started(self, event: SpeechStarted) -> None:
         self._turn_item = item_id = self._new_id("item")
