@@ -1,17 +1,17 @@
 """Speculative replies: the answer to a spoken turn, started before the turn has ended.
 
 With server_vad the pause pass of `IncrementalTranscriber` usually holds the turn's transcript
-while the VAD is still counting the silence that ends the turn (on a 2-core CPU the pass lands
-about 100 ms before the 500 ms are up). A `Speculation` runs the reply from that transcript at
-once, LLM and TTS, and holds everything it makes. When the turn ends with the same transcript and
-the reply would be asked with exactly the same messages and settings (`ReplyPlan.same_as`), the
-response starts from what is already made; otherwise (speech resumed, the final transcript
-differs, the conversation or the session changed) it is cancelled and nothing of it is seen.
+while the VAD is still counting the silence that ends the turn (on a 2-core CPU with tiny.en the
+pass lands ~400 ms after the words, the turn ends ~580 ms after them). A `Speculation` runs the
+reply from that transcript at once, LLM and TTS, and holds everything it makes. When the turn ends
+with the same transcript and the reply would be asked with exactly the same messages and settings
+(`ReplyPlan.same_as`), the response starts from what is already made; otherwise (speech resumed,
+the final transcript differs, the conversation or the session changed) it is cancelled and nothing
+of it is seen.
 """
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import time
@@ -34,6 +34,14 @@ class ReplyPlan:
     speak: bool
     request: TTSRequest  # the TTS template (voice, sampling, ...)
 
+    @staticmethod
+    def may_call_tools(tools: tuple[Tool, ...], choice: ToolChoice) -> bool:
+        return bool(tools) and choice.mode != "none"
+
+    @property
+    def calls_tools(self) -> bool:
+        return self.may_call_tools(self.tools, self.choice)
+
     def same_as(self, other: ReplyPlan) -> bool:
         return (self.messages == other.messages and self.max_tokens == other.max_tokens
                 and self.temperature == other.temperature and self.tools == other.tools
@@ -47,17 +55,23 @@ def _same_request(a: TTSRequest, b: TTSRequest) -> bool:
             and dataclasses.replace(a, references=()) == dataclasses.replace(b, references=()))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Failure:
+    error: BaseException
+
+
+_END = object()
+
+
 class Speculation:
-    """A reply stream run ahead into a buffer, until it is adopted (`replay`) or cancelled."""
+    """A reply stream run ahead into a queue, until it is adopted (`replay`) or cancelled. The queue
+    ends with `_END`, after a `_Failure` if the stream raised (reply_stream.spoken_reply's layout)."""
 
     def __init__(self, plan: ReplyPlan, items: AsyncIterator[object],
                  spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task]) -> None:
         self.plan = plan
         self.t_started = time.monotonic()
-        self._buffer: collections.deque[object] = collections.deque()
-        self._more = asyncio.Event()
-        self._finished = False
-        self._error: BaseException | None = None
+        self._queue: asyncio.Queue[object] = asyncio.Queue()
         self.made = 0  # items produced so far (text deltas, audio chunks, ...)
         self._task = spawn(self._fill(items))
 
@@ -65,16 +79,14 @@ class Speculation:
         try:
             async with contextlib.aclosing(items) as stream:  # type: ignore[type-var]
                 async for item in stream:
-                    self._buffer.append(item)
+                    self._queue.put_nowait(item)
                     self.made += 1
-                    self._more.set()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - kept for the response that adopts it (a ReplyError)
-            self._error = exc
+            self._queue.put_nowait(_Failure(exc))
         finally:
-            self._finished = True
-            self._more.set()
+            self._queue.put_nowait(_END)
 
     def replay(self) -> _Replay:
         """What was made so far, stamped with the moment it is handed on (that is when the client
@@ -82,14 +94,13 @@ class Speculation:
         return _Replay(self)
 
     async def _next(self) -> object:
-        while not self._buffer:
-            if self._finished:
-                if self._error is not None:
-                    raise self._error
-                raise StopAsyncIteration
-            self._more.clear()
-            await self._more.wait()
-        return _stamped(self._buffer.popleft(), time.monotonic())
+        item = await self._queue.get()
+        if item is _END:
+            self._queue.put_nowait(_END)  # the end stays the end for a caller that asks again
+            raise StopAsyncIteration
+        if isinstance(item, _Failure):
+            raise item.error
+        return _stamped(item, time.monotonic())
 
     def cancel(self) -> None:
         self._task.cancel()
