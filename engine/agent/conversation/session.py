@@ -329,16 +329,14 @@ class ConversationSession:
                               **times: float) -> str:
         tools = self.tools if tools is None else tools
         choice = tool_choice or self.tool_choice
-        calling = bool(tools) and choice.mode != "none"
         request = self._speech_request(None, voice)
 
         def plan() -> ReplyPlan:
             try:
-                messages = build_messages(instructions or self.instructions, self._history.window(),
-                                          self.chat.history_window)
+                return self._plan(self._history.window(), instructions=instructions or self.instructions,
+                                  speak=speak, tools=tools, choice=choice, request=request)
             except ValueError as exc:  # nothing to answer: the response fails, the session goes on
                 raise ReplyError("llm", str(exc), code="empty_conversation") from exc
-            return self._plan(messages, speak=speak, tools=tools, choice=choice, request=request)
 
         prepared = None
         if speculation is not None:
@@ -351,16 +349,18 @@ class ConversationSession:
                 self._void(speculation)
         # Built when the response's turn comes, so it sees every earlier reply as heard.
         return self._responses.start("agent", lambda: self._reply_text(plan()), request, speak=speak,
-                                     tools=calling, prepared=prepared, **times)
+                                     tools=ReplyPlan.may_call_tools(tools, choice), prepared=prepared, **times)
 
-    def _plan(self, messages: list[dict], *, speak: bool, tools: tuple[Tool, ...], choice: ToolChoice,
-              request: TTSRequest) -> ReplyPlan:
+    def _plan(self, window: list[dict], *, instructions: str, speak: bool, tools: tuple[Tool, ...],
+              choice: ToolChoice, request: TTSRequest) -> ReplyPlan:
+        """A reply to the conversation `window` (ValueError when there is nothing to answer)."""
+        messages = build_messages(instructions, window, self.chat.history_window)
         return ReplyPlan(messages=messages, max_tokens=self.chat.max_tokens, temperature=self.chat.temperature,
                          tools=tools, choice=choice, speak=speak and self._tts is not None, request=request)
 
     def _reply_text(self, plan: ReplyPlan) -> AsyncIterator[object]:
         """The LLM's reply to `plan`: text deltas, and typed tool-call items when it may call tools."""
-        calling = bool(plan.tools) and plan.choice.mode != "none"
+        calling = plan.calls_tools
 
         def stream(override: ToolChoice | None) -> AsyncIterator[object]:
             return self._llm.stream_chat(  # type: ignore[union-attr]
@@ -384,11 +384,10 @@ class ConversationSession:
             return  # a guess must not queue in front of another call's real reply on a shared model
         window = self._history.window() + [{"role": "user", "content": transcript}]
         try:
-            messages = build_messages(self.instructions, window, self.chat.history_window)
+            plan = self._plan(window, instructions=self.instructions, speak=self.speak_replies, tools=self.tools,
+                              choice=self.tool_choice, request=self._speech_request(None, None))
         except ValueError:
             return
-        plan = self._plan(messages, speak=self.speak_replies, tools=self.tools, choice=self.tool_choice,
-                          request=self._speech_request(None, None))
         items = spoken_reply(self._reply_text(plan), self._tts if plan.speak else None, plan.request)
         self._speculation = Speculation(plan, items, self._spawn)
         self.speculations["started"] += 1

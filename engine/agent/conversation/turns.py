@@ -158,7 +158,6 @@ class TurnInput:
             budget = 2 * FIRST_CHECK_MS  # Smart Turn decides at the first short pause
         else:
             budget = detection.silence_duration_ms if detection is not None else 500
-        self._likely_end_ms = None
         self._live = IncrementalTranscriber(
             self._asr, budget_ms=budget,
             on_delta=lambda delta: self._outputs.emit(UserTranscriptDelta(item_id=item_id, delta=delta)),

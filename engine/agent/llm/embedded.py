@@ -167,7 +167,7 @@ class EmbeddedLLM:
 
     @property
     def busy(self) -> bool:
-        """A completion is generating or queued (a speculative reply then waits for its turn's end)."""
+        """A completion is generating or queued (the conversation then starts no speculative reply)."""
         return self._streams > 0
 
     async def aclose(self) -> None:
