@@ -12,6 +12,7 @@ speed, the worst transcripts, and the time per transcription (median / p90).
   PYTHONPATH=. .venv/bin/python bench/bench_asr.py --beam 5 --temperature-fallback
   PYTHONPATH=. .venv/bin/python bench/bench_asr.py --model base --window-margin full   # the asr-base extra
   PYTHONPATH=. .venv/bin/python bench/bench_asr.py --incremental        # end-of-turn latency, live pacing
+  OPENBLAS_NUM_THREADS=2 PYTHONPATH=. .venv/bin/python bench/bench_asr.py   # numpy's BLAS as it was before the server limited it
 
 `--incremental` feeds each utterance in real time (20 ms pushes, as a microphone does) through
 `IncrementalTranscriber`, and reports the time from the VAD's end-of-turn decision to the final
@@ -313,6 +314,7 @@ def main() -> None:
 
     from engine.agent.asr import DEFAULT_BEAM_SIZE, DEFAULT_WINDOW_MARGIN_S, Transcriber
     from engine.agent.vad import SileroVAD
+    from server.services import limit_blas_threads
 
     options = decode_options(args)
     margin = (DEFAULT_WINDOW_MARGIN_S if args.window_margin is None
@@ -320,10 +322,12 @@ def main() -> None:
     asr = Transcriber.load(args.model, compute_type=args.compute_type, beam_size=args.beam or DEFAULT_BEAM_SIZE,
                            cpu_threads=args.threads, decode_options=options, window_margin_s=margin)
     vad = SileroVAD.load()
+    limit_blas_threads()  # as the server does after loading its models
     items = utterances(args.per_sentence, args.limit)
     print(f"model {args.model or 'tiny.en (bundled)'} {args.compute_type}, beam {asr.beam_size}, options {options}, "
           f"encoder window {'30 s' if margin is None else f'turn + {margin} s'}, pad {args.pad_ms} ms, "
-          f"{args.path} via {args.resampler}; cores {os.cpu_count()}")
+          f"{args.path} via {args.resampler}; cores {os.cpu_count()}, "
+          f"OpenBLAS threads {os.environ.get('OPENBLAS_NUM_THREADS', 1)}")
     print(f"load before: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
     if args.incremental:
         rows = asyncio.run(run_incremental(args, asr, vad, items))

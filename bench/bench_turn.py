@@ -23,6 +23,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from engine.agent.smart_turn import SemanticEndOfTurn, SemanticTurnDetection, SmartTurn  # noqa: E402
 from engine.agent.vad import INPUT_SAMPLE_RATE, SileroVAD, SpeechStopped, TurnDetection, TurnDetector  # noqa: E402
+from server.services import limit_blas_threads  # noqa: E402
 
 COMPLETE = ["What is the capital of France?", "Can you tell me the weather for tomorrow?", "Thank you very much.",
             "Hello, how are you today?", "Tell me a joke.", "Please book a table for two at seven."]
@@ -46,6 +47,7 @@ async def main(args: argparse.Namespace) -> None:
 
     vad = SileroVAD.load()
     model = SmartTurn.load(threads=args.threads)
+    limit_blas_threads()  # as the server does after loading its models (OPENBLAS_NUM_THREADS=2: as before)
     for seconds in (2, 8):
         audio = speechkit.espeak_wav(" ".join(COMPLETE))[: seconds * INPUT_SAMPLE_RATE]
         feats, full = [], []

@@ -2,6 +2,7 @@
 when /health answers, and still serving (with clear 503s) when the model cannot be loaded."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -99,6 +100,42 @@ def test_decode_slots_setting_reaches_the_engine(monkeypatch, tiny_checkpoint):
         assert engine.facts["decode_slots"] == 0
     finally:
         engine.close()
+
+
+_BLAS_PROBE = """
+import json, sys, threadpoolctl
+from server.services import load_services_sync
+from server.settings import Settings
+def openblas():
+    return [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["internal_api"] == "openblas"]
+before = openblas()
+services = load_services_sync(Settings(checkpoint=sys.argv[1], asr_model="none", llm_enabled=False))
+assert services.tts is None and "tts" in services.errors, services.errors
+print(json.dumps([before, openblas()]))
+"""
+
+
+def _openblas_threads_around_startup(tmp_path, **env: str) -> list[list[int]]:
+    """numpy's OpenBLAS thread counts before and after `load_services_sync`, in a fresh process."""
+    base = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    env = {**base, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "DATA_DIR": str(tmp_path / "data"),
+           "OMP_NUM_THREADS": "2", **env}  # OpenBLAS starts with 2 threads even on a 1-core runner
+    out = subprocess.run([sys.executable, "-c", _BLAS_PROBE, str(tmp_path / "no-checkpoint")], env=env,
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_startup_keeps_numpys_blas_to_one_thread(tmp_path):
+    # OpenBLAS's idle threads spin after each product and took a core from the ASR encoder.
+    before, after = _openblas_threads_around_startup(tmp_path)
+    assert before and all(n == 2 for n in before)  # the probe can see the limit change
+    assert after == [1] * len(before)
+
+
+def test_startup_leaves_an_explicit_openblas_setting_alone(tmp_path):
+    before, after = _openblas_threads_around_startup(tmp_path, OPENBLAS_NUM_THREADS="2")
+    assert before and after == before == [2] * len(before)
 
 
 def test_image_entrypoint_serves_a_loaded_model(tiny_checkpoint, tmp_path):
