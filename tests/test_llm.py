@@ -143,6 +143,64 @@ async def test_embedded_loop_keeps_running_while_generating(embedded):
     assert ticks >= 0.3 * (time.monotonic() - started) / 0.005
 
 
+class EvalSpy:
+    """Counts the tokens each llama.cpp evaluation takes (the prompt's uncached rest, then one per
+    generated token), around the real model."""
+
+    def __init__(self, llm) -> None:
+        self._llama = llm._llama
+        self._eval = self._llama.eval
+        self.sizes: list[int] = []
+
+    def __enter__(self) -> "EvalSpy":
+        def counted(tokens):
+            self.sizes.append(len(tokens))
+            return self._eval(tokens)
+        self._llama.eval = counted
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self._llama.eval  # the class's method again
+
+    def prompts(self) -> list[int]:
+        """Sizes of the prompt evaluations (generated tokens come one at a time)."""
+        return [n for n in self.sizes if n > 1]
+
+
+CHAT_SO_FAR = [{"role": "system", "content": "You are Pim, a terse assistant. Answer in one short sentence."},
+               {"role": "user", "content": "Hi there."}, {"role": "assistant", "content": "Hello! How can I help?"}]
+
+
+@needs_llama
+async def test_embedded_prefill_leaves_only_the_new_turn_to_evaluate(embedded):
+    turn = CHAT_SO_FAR + [{"role": "user", "content": "What is the capital of France?"}]
+    await collect(embedded.stream_chat(STORY, max_tokens=3))  # another conversation holds the context
+    with EvalSpy(embedded) as cold:
+        await collect(embedded.stream_chat(turn, max_tokens=3, temperature=0.0))
+    await collect(embedded.stream_chat(STORY, max_tokens=3))
+    with EvalSpy(embedded) as warm:
+        await embedded.prefill(CHAT_SO_FAR)
+        reply = "".join(await collect(embedded.stream_chat(turn, max_tokens=20, temperature=0.0)))
+    whole_prompt = cold.prompts()[0]
+    prefilled, rest = warm.prompts()
+    assert whole_prompt > 40  # the system prompt and the history
+    assert prefilled > whole_prompt - 20  # the conversation so far, and the empty turn's closing tokens
+    assert rest <= 20  # the new turn's words and the assistant header
+    assert rest + prefilled - 8 <= whole_prompt  # no more than the closing tokens were thrown away
+    assert "Paris" in reply
+
+
+@needs_llama
+async def test_embedded_prefill_never_holds_up_a_reply(embedded):
+    stream = embedded.stream_chat(STORY, max_tokens=200, temperature=0.0)
+    await stream.__anext__()  # a reply is generating
+    with EvalSpy(embedded) as spy:
+        await embedded.prefill(CHAT_SO_FAR)  # skipped: it would queue behind the reply, or evict it
+        await stream.__anext__()
+    await stream.aclose()
+    assert spy.prompts() == [] and spy.sizes  # the reply went on, one token at a time
+
+
 def test_missing_gguf_is_a_clear_error(tmp_path):
     pytest.importorskip("llama_cpp")
     from engine.agent.llm.embedded import EmbeddedLLM

@@ -296,3 +296,33 @@ async def test_dropping_the_open_turn_drops_its_speculation(asr, vad, llm, drop)
     finally:
         await session.close()
         await reader
+
+
+# ---------------------------------------------------------------- the conversation so far, evaluated while the user speaks
+async def test_the_llm_evaluates_the_conversation_so_far_while_the_user_speaks(asr, vad, llm):
+    skip_without_models()
+    from test_llm import CHAT_SO_FAR, EvalSpy
+
+    system, *earlier = CHAT_SO_FAR
+    session = session_with(asr, vad, llm, instructions=system["content"], history=earlier)
+    pcm, _ = speechkit.speech_with_gaps([0.3, QUESTION, 2.0])
+    speech_end = np.flatnonzero(np.abs(pcm) > 0.01)[-1]
+    pieces = 0
+    first_evaluation_at: list[int] = []  # how many samples had been pushed when it was seen
+
+    async def note_the_first_evaluation(_: ConversationSession) -> None:
+        nonlocal pieces
+        pieces += 1
+        if spy.prompts() and not first_evaluation_at:
+            first_evaluation_at.append(pieces * 320)
+
+    with EvalSpy(llm) as spy:
+        try:
+            items = await answered(session, pcm, during=note_the_first_evaluation)
+        finally:
+            await session.close()
+    prefill, reply = spy.prompts()  # nothing else was evaluated in bulk: the reply (speculated) only its turn
+    assert prefill > 40 and reply <= 20
+    assert first_evaluation_at[0] < speech_end  # evaluated while the question was being spoken
+    said = "".join(e.data["delta"] for e in events(items, "response.output_audio_transcript.delta"))
+    assert "Paris" in said

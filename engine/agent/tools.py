@@ -59,6 +59,11 @@ class ToolChoice:
 AUTO = ToolChoice()
 
 
+def may_call_tools(tools: Sequence[Tool], choice: ToolChoice | None) -> bool:
+    """Whether a request with these tools lets the model call one (no choice means "auto")."""
+    return bool(tools) and (choice is None or choice.mode != "none")
+
+
 @dataclasses.dataclass(frozen=True)
 class ToolCallDelta:
     """A piece of a call streamed by an LLM backend. `index` tells parallel calls apart; the

@@ -28,7 +28,7 @@ from engine.agent.conversation.turns import TurnInput
 from engine.agent.llm.base import ChatOptions, build_messages
 from engine.agent.reply_stream import ReplyError, one_shot, spoken_reply
 from engine.agent.smart_turn import SemanticTurnDetection
-from engine.agent.tools import AUTO, Tool, ToolChoice, check_choice
+from engine.agent.tools import AUTO, Tool, ToolChoice, check_choice, may_call_tools
 from engine.speech.types import Reference, SamplingOptions, SpeechSynthesizer, TTSRequest
 
 if TYPE_CHECKING:
@@ -301,6 +301,23 @@ class ConversationSession:
         detection = self.turn_detection
         if detection is not None and detection.interrupt_response and self._responses.active():
             await self._responses.cancel("turn_detected")
+        self._prefill_llm()
+
+    def _prefill_llm(self) -> None:
+        """While the user speaks, have the LLM evaluate the conversation up to their turn (a backend
+        that can: EmbeddedLLM.prefill), so that the reply evaluates only their words."""
+        prefill = getattr(self._llm, "prefill", None)
+        if prefill is None or self.mode != "agent":
+            return
+        # The messages the reply will be asked with, less the turn being spoken (which may push
+        # the oldest message out of the history window, so it is counted in).
+        window = self._history.window() + [{"role": "user", "content": ""}]
+        try:
+            messages = build_messages(self.instructions, window, self.chat.history_window)[:-1]
+        except ValueError:
+            return
+        if messages:
+            self._spawn(prefill(messages, tools=self.tools, tool_choice=self.tool_choice))
 
     def _on_transcript(self, event: UserTranscript, t_speech_stopped: float, respond: bool) -> None:
         speculation, self._speculation = self._speculation, None
@@ -349,7 +366,7 @@ class ConversationSession:
                 self._void(speculation)
         # Built when the response's turn comes, so it sees every earlier reply as heard.
         return self._responses.start("agent", lambda: self._reply_text(plan()), request, speak=speak,
-                                     tools=ReplyPlan.may_call_tools(tools, choice), prepared=prepared, **times)
+                                     tools=may_call_tools(tools, choice), prepared=prepared, **times)
 
     def _plan(self, window: list[dict], *, instructions: str, speak: bool, tools: tuple[Tool, ...],
               choice: ToolChoice, request: TTSRequest) -> ReplyPlan:

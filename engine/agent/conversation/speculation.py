@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
-from engine.agent.tools import Tool, ToolChoice
+from engine.agent.tools import Tool, ToolChoice, may_call_tools
 from engine.speech.types import TTSRequest
 
 
@@ -34,13 +34,9 @@ class ReplyPlan:
     speak: bool
     request: TTSRequest  # the TTS template (voice, sampling, ...)
 
-    @staticmethod
-    def may_call_tools(tools: tuple[Tool, ...], choice: ToolChoice) -> bool:
-        return bool(tools) and choice.mode != "none"
-
     @property
     def calls_tools(self) -> bool:
-        return self.may_call_tools(self.tools, self.choice)
+        return may_call_tools(self.tools, self.choice)
 
     def same_as(self, other: ReplyPlan) -> bool:
         return (self.messages == other.messages and self.max_tokens == other.max_tokens

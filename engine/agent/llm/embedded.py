@@ -16,6 +16,7 @@ import asyncio
 import json
 import concurrent.futures
 import importlib.util
+import logging
 import os
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -23,7 +24,9 @@ from contextlib import aclosing
 from pathlib import Path
 
 from engine.agent.llm.base import LLMError, Message, validate_messages
-from engine.agent.tools import AUTO, Tool, ToolCallDelta, ToolChoice, tool_by_name
+from engine.agent.tools import AUTO, Tool, ToolCallDelta, ToolChoice, may_call_tools, tool_by_name
+
+log = logging.getLogger(__name__)
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -81,12 +84,13 @@ class EmbeddedLLM:
         choice = tool_choice or AUTO
         # Each completion is closed explicitly (aclosing): closing this iterator then stops the model
         # at once, rather than whenever the garbage collector finalises the inner generator.
-        if not tools or choice.mode == "none":
-            async with aclosing(self._stream(as_plain_chat(msgs, ()), max_tokens, temperature)) as texts:
+        calling = may_call_tools(tools, choice)
+        chat = as_plain_chat(msgs, tools if calling else ())
+        if not calling:
+            async with aclosing(self._stream(chat, max_tokens, temperature)) as texts:
                 async for text in texts:
                     yield text
             return
-        chat = as_plain_chat(msgs, tools)
         if choice.mode == "function":
             tool = tool_by_name(tools, choice.name)
             if tool is None:
@@ -165,9 +169,42 @@ class EmbeddedLLM:
             self._streams -= 1
             stop.set()  # generation stops at the next token; the worker frees the lock itself
 
+    async def prefill(self, messages: Sequence[Message], *, tools: Sequence[Tool] = (),
+                      tool_choice: ToolChoice | None = None) -> None:
+        """Evaluate the prompt of `messages` up to the start of the user's next turn, so that the
+        completion that adds that turn (same tools and choice) evaluates only the turn itself.
+
+        The conversation calls this when the user starts speaking. A call's first reply then skips
+        the system prompt (~150-250 ms of prompt evaluation with SmolLM2 on the 2-core dev VM), and
+        later replies skip the previous turn's closing tokens and any history that moved. Skipped
+        while a completion generates or waits: it must never hold up a reply, nor evict another
+        call's prompt while that call is answered.
+        """
+        if self.busy:
+            return
+        msgs = validate_messages(messages)
+        # The chat template renders an empty user turn as its header and closing tokens: the prompt
+        # cached up to that header is a prefix of the next real request's prompt.
+        chat = as_plain_chat(msgs, tools if may_call_tools(tools, tool_choice) else ())
+        chat.append({"role": "user", "content": ""})
+
+        def evaluate() -> None:
+            if not self._lock.acquire(blocking=False):
+                return
+            try:
+                self._llama.create_chat_completion(chat, max_tokens=1, temperature=0.0)
+            finally:
+                self._lock.release()
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, evaluate)
+        except Exception as exc:  # noqa: BLE001 - a warm-up that fails costs nothing but its speed-up
+            log.warning("LLM prefill failed: %s", exc)
+
     @property
     def busy(self) -> bool:
-        """A completion is generating or queued (the conversation then starts no speculative reply)."""
+        """A completion is generating or queued (the conversation then starts no speculative reply, and
+        `prefill` does nothing)."""
         return self._streams > 0
 
     async def aclose(self) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 
 from engine.agent.llm.base import LLMError, Message, validate_messages
-from engine.agent.tools import Tool, ToolCallDelta, ToolChoice
+from engine.agent.tools import Tool, ToolCallDelta, ToolChoice, may_call_tools
 
 
 class OpenAICompatLLM:
@@ -46,7 +46,7 @@ class OpenAICompatLLM:
                           ) -> AsyncIterator[str | ToolCallDelta]:
         body: dict[str, Any] = {"model": self.model, "messages": validate_messages(messages), "stream": True,
                                 "max_tokens": max_tokens, "temperature": temperature}
-        if tools and (tool_choice is None or tool_choice.mode != "none"):
+        if may_call_tools(tools, tool_choice):
             body["tools"] = [tool.chat_completions() for tool in tools]
             if tool_choice is not None:
                 body["tool_choice"] = tool_choice.chat_completions()
