@@ -85,7 +85,7 @@ def realtime_config(settings: Settings) -> signaling.RealtimeConfig:
             liveness_timeout=settings.telephony_liveness_timeout,
             tools=load_server_tools(settings.telephony_tools) if settings.telephony_tools else None),
         observe_latency=lambda latency_ms: metrics.observe_turn_latency(latency_ms, source="realtime"),
-        observe_tool_run=metrics.observe_tool_run)
+        observe_tool_run=metrics.observe_tool_run, observe_speculation=metrics.observe_speculation)
 
 
 def _services_context(owned: bool):

@@ -12,6 +12,9 @@
     fishvoice_access_refusals_total{route, status}  requests refused with 401, 403 or 429
     fishvoice_tool_runs_total{tool, outcome}         tool calls the server ran by webhook (phone calls):
         ok, http_error, timeout, unreachable, too_long, cancelled
+    fishvoice_speculative_replies_total{outcome}    replies started from a turn's pause transcript before
+        the turn ended (SPECULATIVE_REPLIES): started, adopted (the turn ended as predicted), dropped
+        (cancelled unseen; with a paid LLM endpoint each one cost tokens)
     process_* (CPU, memory, open files)
 
 Values that describe the app's state are read when /metrics is scraped, from the objects that
@@ -45,7 +48,15 @@ TURN_LATENCY = Histogram("fishvoice_turn_latency_seconds",
 TOOL_RUNS = Counter("fishvoice_tool_runs_total", "Tool calls the server ran through their webhooks",
                     ["tool", "outcome"], registry=None)
 
+SPECULATIONS = Counter("fishvoice_speculative_replies_total", "Replies started before their turn ended, by outcome",
+                       ["outcome"], registry=None)
+
 REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
+
+
+def observe_speculation(outcome: str) -> None:
+    """Count one speculative reply's outcome (started, adopted, dropped), as the conversation reports it."""
+    SPECULATIONS.labels(outcome=outcome).inc()
 
 
 def observe_tool_run(tool: str, outcome: str, seconds: float) -> None:
@@ -130,6 +141,7 @@ def install(app: web.Application) -> None:
     registry.register(TURN_LATENCY)
     registry.register(REFUSALS)
     registry.register(TOOL_RUNS)
+    registry.register(SPECULATIONS)
     registry.register(AppStateCollector(app))
     ProcessCollector(registry=registry)
     app[REGISTRY] = registry

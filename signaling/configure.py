@@ -51,7 +51,8 @@ async def build_conversation(services: RealtimeModels, config: RealtimeConfig,
             instructions=options.instructions or config.instructions or DEFAULT_INSTRUCTIONS,
             turn_detection=turn, sampling=sampling_options(config.sampling, options.sampling),
             chat=_chat_options(base_chat, options), tools=options.tools or (),
-            tool_choice=options.tool_choice or AUTO, speculate=config.speculative_replies)
+            tool_choice=options.tool_choice or AUTO, speculate=config.speculative_replies,
+            on_speculation=config.observe_speculation)
     except (OptionsError, ToolConfigError) as exc:
         raise CallError(400, "invalid_value", str(exc), param=exc.param) from None
     except ValueError as exc:

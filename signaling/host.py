@@ -78,6 +78,8 @@ class RealtimeConfig:
     observe_latency: Callable[[Mapping[str, float]], None] | None = None
     # Called with (tool name, outcome, seconds) for each tool call the server runs (signaling.tool_executor).
     observe_tool_run: Callable[[str, str, float], None] | None = None
+    # Called with each speculative reply's outcome: "started", "adopted" or "dropped" (ConversationSession).
+    observe_speculation: Callable[[str], None] | None = None
 
     def __post_init__(self) -> None:
         origins = self.cors_origins

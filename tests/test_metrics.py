@@ -95,3 +95,17 @@ def test_observe_turn_latency_fills_each_stage(server):
     assert value(after, "fishvoice_turn_latency_seconds_count", source="realtime", stage="total") == \
         value(before, "fishvoice_turn_latency_seconds_count", source="realtime", stage="total")  # NaN is ignored
     assert not any("bogus" in str(key) for key in after)
+
+
+def test_speculative_reply_outcomes_are_counted(server, tmp_path):
+    from server.app import realtime_config
+
+    # The app hands the realtime layer this counter (ConversationSession reports each outcome to it).
+    assert realtime_config(Settings(data_dir=tmp_path)).observe_speculation is metrics.observe_speculation
+    before = scrape(server)
+    for outcome in ("started", "adopted", "started", "dropped"):
+        metrics.observe_speculation(outcome)
+    after = scrape(server)
+    for outcome, grown in (("started", 2), ("adopted", 1), ("dropped", 1)):
+        assert value(after, "fishvoice_speculative_replies_total", outcome=outcome) == \
+            value(before, "fishvoice_speculative_replies_total", outcome=outcome) + grown

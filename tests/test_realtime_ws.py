@@ -28,8 +28,10 @@ pytestmark = pytest.mark.skipif(not speechkit.espeak_available(), reason="espeak
 @pytest.fixture
 async def server(models):
     latencies: list[dict] = []  # what the server hands its metrics (server.metrics in the product)
-    srv = await LocalServer(models, max_sessions=2, api_key="sekrit", observe_latency=latencies.append).start()
-    srv.latencies = latencies
+    speculations: list[str] = []
+    srv = await LocalServer(models, max_sessions=2, api_key="sekrit", observe_latency=latencies.append,
+                            observe_speculation=speculations.append).start()
+    srv.latencies, srv.speculations = latencies, speculations
     yield srv
     await srv.stop()
 
@@ -247,6 +249,25 @@ async def test_response_on_an_empty_conversation_greets_from_the_instructions(se
         await conn.response.create()
         events = await events_until(conn, "response.done")
         assert events[-1].response.status == "completed"  # the session went on
+
+
+async def test_a_reply_speculated_in_the_pause_is_reported_to_the_metrics(server):
+    """Speech appended in real time with a long silence window: the reply is started from the pause
+    pass and adopted at the end of the turn, and both outcomes reach the server's metrics hook."""
+    async with client_for(server).realtime.connect(model="gpt-realtime") as conn:
+        await events_until(conn, "session.created", 20)
+        await conn.session.update(session={
+            "type": "realtime", "output_modalities": ["text"], "max_output_tokens": 20, "temperature": 0.0,
+            "audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000},
+                                "turn_detection": {"type": "server_vad", "silence_duration_ms": 1500}}}})
+        await events_until(conn, "session.updated", 20)
+        pcm16k, _ = speechkit.speech_with_gaps([0.3, QUESTION, 2.0])
+        reader = asyncio.ensure_future(events_until(conn, "response.done", 120))
+        await append_audio(conn, speechkit.pcm24k_bytes(pcm16k), chunk_ms=20, paced=True)
+        events = await reader
+        assert events[-1].response.status == "completed"
+        assert "Paris" in "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert server.speculations == ["started", "adopted"]
 
 
 async def test_a_text_only_session_answers_a_spoken_turn_in_text(server):

@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -79,12 +79,14 @@ class ConversationSession:
         tools: tuple[Tool, ...] = (),
         tool_choice: ToolChoice = AUTO,
         speculate: bool = True,
+        on_speculation: Callable[[str], None] | None = None,
     ) -> None:
         """`smart_turn` (the shared Smart Turn model) makes `SemanticTurnDetection` available.
         `chat` sets the LLM's reply length/temperature; `speech` is the TTS request template
         (chunk_length, normalize, ...): its text, voice and sampling are filled in per sentence.
         `speculate`: start a turn's reply from the transcript of its pause, before the turn ends
-        (speculation.py); it is dropped unseen if the turn does not end as that transcript said."""
+        (speculation.py); it is dropped unseen if the turn does not end as that transcript said.
+        `on_speculation(outcome)` is told each "started", "adopted" and "dropped" (server metrics)."""
         self._tts = tts
         self._llm = llm
         self._ids = itertools.count(1)
@@ -105,6 +107,7 @@ class ConversationSession:
         self.speculate = speculate
         self._speculation: Speculation | None = None  # a reply started before its turn ended
         self.speculations = {"started": 0, "adopted": 0, "dropped": 0}
+        self._on_speculation = on_speculation
         self._responses = Responder(tts=tts, outputs=self._outputs, history=self._history, spawn=self._spawn,
                                     new_id=self._new_id)
         self._turns = TurnInput(asr=asr, vad_model=vad_model, outputs=self._outputs, spawn=self._spawn,
@@ -338,7 +341,7 @@ class ConversationSession:
     def _void(self, speculation: Speculation | None) -> None:
         if speculation is not None:
             speculation.cancel()
-            self.speculations["dropped"] += 1
+            self._count_speculation("dropped")
 
     def _start_agent_response(self, *, instructions: str | None = None, speak: bool = True,
                               voice: tuple[Reference, ...] | None = None, tools: tuple[Tool, ...] | None = None,
@@ -359,7 +362,7 @@ class ConversationSession:
         if speculation is not None:
             if not self._responses.generating and speculation.plan.same_as(plan()):
                 prepared = speculation.replay()
-                self.speculations["adopted"] += 1
+                self._count_speculation("adopted")
                 log.debug("speculative reply adopted %.0f ms after it started (%d items made)",
                           (time.monotonic() - speculation.t_started) * 1000, speculation.made)
             else:
@@ -407,7 +410,12 @@ class ConversationSession:
             return
         items = spoken_reply(self._reply_text(plan), self._tts if plan.speak else None, plan.request)
         self._speculation = Speculation(plan, items, self._spawn)
-        self.speculations["started"] += 1
+        self._count_speculation("started")
+
+    def _count_speculation(self, outcome: str) -> None:
+        self.speculations[outcome] += 1
+        if self._on_speculation is not None:
+            self._on_speculation(outcome)
 
     def _drop_speculation(self) -> None:
         speculation, self._speculation = self._speculation, None
