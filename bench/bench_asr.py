@@ -309,8 +309,13 @@ def main() -> None:
     ap.add_argument("--incremental", action="store_true")
     ap.add_argument("--json", default=None, help="write every utterance's reference and transcript here")
     ap.add_argument("--interval-ms", type=int, default=500, help="incremental: new speech per pass")
-    ap.add_argument("--pause-ms", type=int, default=100, help="incremental: a pause this long starts a pass")
+    ap.add_argument("--pause-ms", type=int, default=None,
+                    help="incremental: a pause this long starts a pass (default: the shipped PAUSE_MS)")
     args = ap.parse_args()
+    if args.pause_ms is None:
+        from engine.agent.incremental_asr import PAUSE_MS
+
+        args.pause_ms = PAUSE_MS
 
     from engine.agent.asr import DEFAULT_BEAM_SIZE, DEFAULT_WINDOW_MARGIN_S, Transcriber
     from engine.agent.vad import SileroVAD
@@ -327,7 +332,9 @@ def main() -> None:
     print(f"model {args.model or 'tiny.en (bundled)'} {args.compute_type}, beam {asr.beam_size}, options {options}, "
           f"encoder window {'30 s' if margin is None else f'turn + {margin} s'}, pad {args.pad_ms} ms, "
           f"{args.path} via {args.resampler}; cores {os.cpu_count()}, "
-          f"OpenBLAS threads {os.environ.get('OPENBLAS_NUM_THREADS', 1)}")
+          f"OpenBLAS threads {os.environ.get('OPENBLAS_NUM_THREADS', 1)}"
+          + (f"; incremental: pause pass after {args.pause_ms} ms, interval {args.interval_ms} ms"
+             if args.incremental else ""))
     print(f"load before: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
     if args.incremental:
         rows = asyncio.run(run_incremental(args, asr, vad, items))
