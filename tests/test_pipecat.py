@@ -294,10 +294,13 @@ async def test_barge_in_cancels_the_reply(server, wire, turns):
     assert first["status"] == "cancelled" and second["status"] == "completed", (first, second)
     truncate = [m for m in wire.sent if m["type"] == "conversation.item.truncate"]
     assert truncate and truncate[0]["item_id"] == first["output"][0]["id"]  # Pipecat cut it where it was heard
-    # The server keeps only what was heard of the cut reply (maybe nothing), then the new turn.
-    generated = first["output"][0]["content"][0].get("transcript") or ""
+    # The server keeps only what was heard of the cut reply (maybe nothing), then the new turn. What
+    # was heard is Pipecat's truncate when it comes after the cancel: it may say a word more than the
+    # server's own estimate at the cancel, which response.done carried, so compare with what was written.
+    generated = "".join(e["delta"] for e in wire.received
+                        if e["type"] == "response.output_audio_transcript.delta" and e["response_id"] == first["id"])
     cut = [i for i in items if i.id == first["output"][0]["id"]]
-    assert not cut or (generated.startswith(cut[0].text) and len(cut[0].text) <= len(generated)), (cut, generated)
+    assert not cut or generated.strip().startswith(cut[0].text), (cut, generated)
     assert [i.role for i in items if i not in cut] == ["assistant", "user", "user", "assistant"], items
     assert items[-1].id == second["output"][0]["id"]
     assert [m["type"] for m in wire.sent].count("conversation.item.create") == 0  # nothing re-sent
