@@ -175,8 +175,10 @@ class EmbeddedLLM:
         completion that adds that turn (same tools and choice) evaluates only the turn itself.
 
         The conversation calls this when the user starts speaking. A call's first reply then skips
-        the system prompt (~150-250 ms of prompt evaluation with SmolLM2 on the 2-core dev VM), and
-        later replies skip the previous turn's closing tokens and any history that moved. Skipped
+        the system prompt (first token 156-190 -> 83-86 ms with the default instructions and SmolLM2
+        on the 2-core dev VM; more with tools or long instructions), later replies skip the previous
+        turn's closing tokens and any history that moved, and calls that share the model re-evaluate
+        their own conversation while their user speaks (bench/bench_shared_llm.py). Skipped
         while a completion generates or waits: it must never hold up a reply, nor evict another
         call's prompt while that call is answered.
         """
