@@ -1,5 +1,6 @@
 """Speculative replies: a turn's reply started from the pause pass's transcript before the turn ends,
-adopted when the turn ends as predicted and dropped (unseen) when it does not.
+adopted when the turn ends as predicted and dropped (unseen) when it does not; and the LLM
+evaluating the conversation so far while the user speaks (the prefill at speech start).
 
 The end-to-end tests use the real models (silero VAD, whisper tiny.en, SmolLM2 on llama.cpp, the
 TTS engine on a tiny random checkpoint) and push espeak-ng speech at real time, as a microphone
