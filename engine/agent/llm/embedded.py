@@ -84,9 +84,8 @@ class EmbeddedLLM:
         choice = tool_choice or AUTO
         # Each completion is closed explicitly (aclosing): closing this iterator then stops the model
         # at once, rather than whenever the garbage collector finalises the inner generator.
-        calling = may_call_tools(tools, choice)
-        chat = as_plain_chat(msgs, tools if calling else ())
-        if not calling:
+        chat = request_chat(msgs, tools, choice)
+        if not may_call_tools(tools, choice):
             async with aclosing(self._stream(chat, max_tokens, temperature)) as texts:
                 async for text in texts:
                     yield text
@@ -184,10 +183,9 @@ class EmbeddedLLM:
         """
         if self.busy:
             return
-        msgs = validate_messages(messages)
         # The chat template renders an empty user turn as its header and closing tokens: the prompt
         # cached up to that header is a prefix of the next real request's prompt.
-        chat = as_plain_chat(msgs, tools if may_call_tools(tools, tool_choice) else ())
+        chat = request_chat(validate_messages(messages), tools, tool_choice or AUTO)
         chat.append({"role": "user", "content": ""})
 
         def evaluate() -> None:
@@ -224,6 +222,12 @@ def tools_prompt(tools: Sequence[Tool]) -> str:
     return ("You can call these functions:\n" + described + "\nTo call one, reply with only "
             + CALL_OPEN + '{"name": <function name>, "arguments": <arguments object>}' + CALL_CLOSE
             + ". Otherwise answer the user normally.")
+
+
+def request_chat(msgs: list[dict], tools: Sequence[Tool], choice: ToolChoice) -> list[dict]:
+    """The chat a request is rendered from: the tools are described only when the model may call
+    one. `stream_chat` and `prefill` both use it, so a prefilled prompt is the reply's prefix."""
+    return as_plain_chat(msgs, tools if may_call_tools(tools, choice) else ())
 
 
 def as_plain_chat(msgs: list[dict], tools: Sequence[Tool]) -> list[dict]:
