@@ -127,6 +127,17 @@ async def answered(session: ConversationSession, pcm: np.ndarray, during=None, *
     return await collector
 
 
+def once_speculating(act):
+    """A `during` callback that runs `act(session)` once, as soon as a speculation has started, and
+    the list its result goes into (empty if it never ran)."""
+    results: list = []
+
+    async def during(s: ConversationSession) -> None:
+        if s.speculations["started"] and not results:
+            results.append(act(s))
+    return during, results
+
+
 def session_with(asr, vad, llm, tts=None, **kwargs) -> ConversationSession:
     return ConversationSession(tts=tts, asr=asr, llm=llm, vad_model=vad, chat=GREEDY, sampling=TTS_FRAMES,
                                turn_detection=PATIENT_VAD, **kwargs)
@@ -188,12 +199,7 @@ async def test_a_conversation_changed_during_the_pause_drops_the_speculation(asr
     skip_without_models()
     session = session_with(asr, vad, llm)
     pcm, _ = speechkit.speech_with_gaps([0.3, QUESTION, 2.0])
-    noted = []
-
-    async def add_a_note_once_speculating(s: ConversationSession) -> None:
-        if s.speculations["started"] and not noted:
-            noted.append(s.add_message("system", "The user is in a hurry."))
-
+    add_a_note_once_speculating, noted = once_speculating(lambda s: s.add_message("system", "The user is in a hurry."))
     try:
         items = await answered(session, pcm, during=add_a_note_once_speculating)
         assert noted, "no speculation started during the pause"
@@ -269,15 +275,14 @@ async def test_dropping_the_open_turn_drops_its_speculation(asr, vad, llm, drop)
     skip_without_models()
     session = session_with(asr, vad, llm)
     pcm, _ = speechkit.speech_with_gaps([0.3, QUESTION, 2.0])
-    dropped = []
 
-    async def drop_the_turn_once_speculating(s: ConversationSession) -> None:
-        if s.speculations["started"] and not dropped:
-            dropped.append(drop)
-            if drop == "clear_audio":
-                s.clear_audio()  # input_audio_buffer.clear
-            else:
-                s.update(turn_detection=None)  # session.update to manual turns
+    def drop_the_turn(s: ConversationSession) -> None:
+        if drop == "clear_audio":
+            s.clear_audio()  # input_audio_buffer.clear
+        else:
+            s.update(turn_detection=None)  # session.update to manual turns
+
+    drop_the_turn_once_speculating, dropped = once_speculating(drop_the_turn)
 
     seen: list = []
 
@@ -299,7 +304,7 @@ async def test_dropping_the_open_turn_drops_its_speculation(asr, vad, llm, drop)
         await reader
 
 
-# ---------------------------------------------------------------- the conversation so far, evaluated while the user speaks
+# ---------------------------------------------------------------- the conversation, evaluated while the user speaks
 async def test_the_llm_evaluates_the_conversation_so_far_while_the_user_speaks(asr, vad, llm):
     skip_without_models()
     from test_llm import CHAT_SO_FAR, EvalSpy
