@@ -122,7 +122,7 @@ async def test_unfinished_speech_waits_for_the_eagerness_max_wait(vad, smart_tur
     events = await push_all(end_of_turn, pcm)
     assert [type(e) for _, e in events] == [SpeechStarted, SpeechStopped]
     waited_ms = (events[1][0] - speech_end) * 1000 / INPUT_SAMPLE_RATE
-    # Silence counts from silero's last voiced frame, which can come a little before espeak's last sample.
+    # Silence counts from the end of the sound, to a frame (32 ms) either way of espeak's last sample.
     assert max_wait_ms - 150 <= waited_ms < max_wait_ms + 400, waited_ms
     assert end_of_turn.last_probability is not None and end_of_turn.last_probability < 0.5
 

@@ -66,6 +66,29 @@ def test_events_alternate_and_stop_after_the_silence_duration(vad, two_sentences
         assert 0.5 - TOLERANCE_S <= decided - true_end <= 0.5 + TOLERANCE_S + 0.064
 
 
+def stop_after_words(vad: SileroVAD, pcm: np.ndarray, words_end: float) -> tuple[float, float]:
+    """(when the turn was declared over, where its speech was said to end), both from `words_end`."""
+    detector = TurnDetector(vad)
+    for chunk in speechkit.frames(pcm, 320):
+        for event in detector.push(chunk):
+            if isinstance(event, SpeechStopped):
+                return detector.position_ms / 1000 - words_end, event.audio_end_ms / 1000 - words_end
+    raise AssertionError("the turn never ended")
+
+
+def test_silence_is_counted_from_the_end_of_the_sound(vad):
+    # Silero keeps calling the first 2-3 frames of silence after the words speech; without counting
+    # them as pause, a 500 ms silence_duration_ms ended turns ~590 ms after the words.
+    pcm, truth = speechkit.speech_with_gaps([0.5, "What is the capital of France?", 1.0])
+    decided, speech_end = stop_after_words(vad, pcm, truth[0][1])
+    assert 0.5 - 0.04 <= decided <= 0.5 + 0.04, decided
+    assert abs(speech_end) <= 0.04, speech_end
+    # Hiss 30 dB under the speech is not silence: only silero's own verdict ends the turn then.
+    hiss = np.random.default_rng(0).standard_normal(len(pcm)).astype(np.float32) * 0.01
+    decided_in_hiss, _ = stop_after_words(vad, pcm + hiss, truth[0][1])
+    assert decided_in_hiss >= decided + 0.064, (decided_in_hiss, decided)
+
+
 def test_turn_audio_carries_prefix_padding_and_the_speech(vad, two_sentences):
     pcm, truth = two_sentences
     stops = [e for e in run_turns(vad, pcm) if isinstance(e, SpeechStopped)]

@@ -38,10 +38,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Two silent VAD frames start the pause pass. bench_asr --incremental (24 turns, tiny.en, 2 cores):
-# speech end -> a pause pass over all of it, 470 ms median at 100 ms (4 frames; 15/24 turns had one
-# before the turn ended) -> 401 ms at 64 ms (23/24). A pass started at a gap between words is simply
-# superseded by the next one.
+# 64 ms of pause (counted from the end of the sound, see vad.MAX_QUIET_TAIL_FRAMES) start the pause
+# pass: usually silero's first silent frame. bench_asr --incremental (24 turns, tiny.en, 2 cores), end of
+# the words -> a pause pass over all of them: 381 ms median at 64 ms, 434 ms at 96 (in 23/24 turns),
+# 384 ms at 32 with twice the passes. Before pauses counted from the sound, 64 ms gave 413 ms. A pass
+# started at a gap between words is simply superseded by the next one.
 PAUSE_MS = 64
 BURST_MS = 500  # how far audio may run ahead of the wall clock (network jitter) and still count as live
 _WORD = re.compile(r"\S+")

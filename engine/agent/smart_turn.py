@@ -43,11 +43,12 @@ EAGERNESS: tuple[str, ...] = get_args(Eagerness)
 # Shorter than OpenAI's 8/4/2 s: a local agent answering in under a second should not sit 4 s on a miss.
 MAX_WAIT_MS = {"low": 4000, "medium": 2000, "high": 1000, "auto": 2000}
 COMPLETE_THRESHOLD = 0.5  # pipecat's cut-off for "complete"
-# A pause this long asks the model (server_vad waits 500 ms by default). On bench_turn's espeak set,
-# 96 and 128 ms ended "I would like to order a, um" at its comma; 160 ms did not; 192 ms delayed every
-# complete sentence by 20-40 ms for a mixed result on the unfinished ones.
-FIRST_CHECK_MS = 160
-# An "incomplete" is asked again once the pause has doubled (160, 320, 640 ms, ...): more silence is
+# A pause this long asks the model (server_vad waits 500 ms by default). Pauses count from the end of
+# the sound (vad.MAX_QUIET_TAIL_FRAMES). On bench_turn's espeak set, 160 ms ended "I would like to order
+# a, um" and "Hello, how are you today?" at their commas, 192 ms the second, 224 ms neither. (Counted
+# from silero's lagging verdict instead, as before, 160 ms was this moment and cut only "Hello,".)
+FIRST_CHECK_MS = 224
+# An "incomplete" is asked again once the pause has doubled (224, 448, 896 ms, ...): more silence is
 # more evidence, and a long pause costs a few inferences, not one per frame.
 RECHECK_FACTOR = 2
 

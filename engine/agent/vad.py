@@ -36,6 +36,17 @@ _MODEL_FILES = ("silero_vad_16k_op15.onnx", "silero_vad.onnx")
 # Silero's own streaming iterator ends speech below threshold - 0.15 (hysteresis against flicker).
 _HYSTERESIS = 0.15
 MAX_TURN_SECONDS = 60.0  # a turn that never pauses is cut here so buffers stay bounded
+# Silero's probability trails the sound: after the last word it stays above the off threshold for
+# two or three more frames of silence (espeak-ng in four voices: the first frame below it ends 80-110
+# ms after the last loud sample). Those frames are already the pause when they hold no sound, so the
+# silence is counted from where the sound stopped, as `silence_duration_ms` means: up to this many
+# trailing frames that silero called speech count as silence when they are quiet...
+MAX_QUIET_TAIL_FRAMES = 3
+# ... where quiet is 30 dB below the turn's recent loudest frame. Speech trailing off is 10-20 dB down,
+# a browser's noise-suppressed silence far lower. Under louder noise (a fan by the mic, a hissing line)
+# nothing is credited, and silero alone decides as before.
+QUIET_RATIO = 10 ** (-30 / 20)
+LEVEL_DECAY = 0.99  # per frame: the turn's loudness reference forgets a peak in a few seconds
 
 
 def silero_onnx_path() -> Path:
@@ -127,8 +138,9 @@ class TurnDetector:
     """OpenAI `server_vad` turn detection over any-length 16 kHz pushes.
 
     Speech starts on the first frame whose probability reaches `threshold`; it stops once the
-    probability has stayed below `threshold - 0.15` for `silence_duration_ms`. A stopped turn
-    carries its audio from `prefix_padding_ms` before the start.
+    probability has stayed below `threshold - 0.15` for `silence_duration_ms`, counted from the end
+    of the sound (see MAX_QUIET_TAIL_FRAMES). A stopped turn carries its audio from
+    `prefix_padding_ms` before the start.
     """
 
     def __init__(self, vad: SileroVAD, params: TurnDetection = TurnDetection()) -> None:
@@ -140,6 +152,8 @@ class TurnDetector:
         self._turn_start = 0
         self._speech_start = 0
         self._last_voiced_end = 0
+        self._level = 0.0  # the turn's loudness reference (frame RMS, a decaying peak)
+        self._quiet_tail = 0  # voiced frames since the last loud one (at most MAX_QUIET_TAIL_FRAMES)
         self.configure(params)
 
     def configure(self, params: TurnDetection) -> None:
@@ -217,6 +231,8 @@ class TurnDetector:
             if prob >= self.params.threshold:
                 self._in_speech = True
                 self._speech_start = frame_start
+                self._level, self._quiet_tail = 0.0, 0
+                self._note_voiced(frame)
                 self._last_voiced_end = self._samples_seen
                 self._turn = list(self._preroll) + [frame.copy()]
                 self._turn_start = frame_start - FRAME_SAMPLES * len(self._preroll)
@@ -227,12 +243,22 @@ class TurnDetector:
             return None
         self._turn.append(frame.copy())
         if prob >= self._off_threshold:
+            self._note_voiced(frame)
             self._last_voiced_end = self._samples_seen
+        elif self._quiet_tail:  # the first unvoiced frame: the quiet frames just before were the pause
+            self._last_voiced_end -= self._quiet_tail * FRAME_SAMPLES
+            self._quiet_tail = 0
         silent_frames = (self._samples_seen - self._last_voiced_end) // FRAME_SAMPLES
         too_long = (self._samples_seen - self._turn_start) / INPUT_SAMPLE_RATE >= MAX_TURN_SECONDS
         if silent_frames >= self._silence_frames or too_long:
             return self._stop(self._last_voiced_end)
         return None
+
+    def _note_voiced(self, frame: np.ndarray) -> None:
+        rms = float(np.sqrt(np.dot(frame, frame) / len(frame)))
+        self._level = max(self._level * LEVEL_DECAY, rms)
+        quiet = rms < QUIET_RATIO * self._level
+        self._quiet_tail = min(self._quiet_tail + 1, MAX_QUIET_TAIL_FRAMES) if quiet else 0
 
     def _stop(self, speech_end: int) -> SpeechStopped:
         audio = np.concatenate(self._turn) if self._turn else np.zeros(0, np.float32)
