@@ -226,7 +226,7 @@ async def run_incremental(args, asr, vad, items) -> list[dict]:
     """Live pacing: 20 ms pushes every 20 ms, the incremental transcriber working meanwhile; then
     a whole-turn pass over the same turn audio (what the server did before), for comparison."""
     from engine.agent.incremental_asr import IncrementalTranscriber
-    from engine.agent.vad import SpeechStarted, TurnDetector
+    from engine.agent.vad import SpeechStarted, TurnDetection, TurnDetector
 
     rows = []
     for text, voice, speed in items:
@@ -258,12 +258,14 @@ async def run_incremental(args, asr, vad, items) -> list[dict]:
                 t_stop = time.monotonic()
                 final = await live.finish(event.audio, event.audio_end_ms - event.audio_start_ms)
                 final_ms = (time.monotonic() - t_stop) * 1000
+                after_words_ms = (time.monotonic() - t_words_end) * 1000 if t_words_end is not None else None
                 w0 = time.perf_counter()
                 whole = await asr.transcribe(event.audio, turn=True)
                 # End of the words -> a pause pass covering all of them: when a reply could be speculated (server_vad),
                 # and what semantic_vad's answer waits for.
                 likely = [t for t, end in landed if t_words_end is not None and end == speech_end]
-                finals.append({"final": final, "final_ms": final_ms, "whole": whole, "passes": live.passes,
+                finals.append({"final": final, "final_ms": final_ms, "after_words_ms": after_words_ms,
+                               "whole": whole, "passes": live.passes,
                                "whole_ms": (time.perf_counter() - w0) * 1000, "reused": live.reused,
                                "likely_ms": (likely[0] - t_words_end) * 1000 if likely else None})
                 live = None
@@ -274,7 +276,8 @@ async def run_incremental(args, asr, vad, items) -> list[dict]:
                "whole": " ".join(f["whole"] for f in finals), "final_ms": sum(f["final_ms"] for f in finals),
                "asr_ms": sum(f["whole_ms"] for f in finals), "passes": sum(f["passes"] for f in finals),
                "reused": all(f["reused"] for f in finals), "deltas": "".join(deltas), "turns": len(finals),
-               "likely_ms": finals[-1]["likely_ms"] if finals else None}
+               "likely_ms": finals[-1]["likely_ms"] if finals else None,
+               "after_words_ms": finals[-1]["after_words_ms"] if finals else None}
         rows.append(row)
         note = "" if row["deltas"] == row["hyp"] else f" deltas {row['deltas']!r} != final"
         note += "" if row["whole"] == row["hyp"] else f" whole pass {row['whole']!r} != final {row['hyp']!r}"
@@ -286,6 +289,10 @@ async def run_incremental(args, asr, vad, items) -> list[dict]:
     if likely:
         print(f"  end of the words -> a pause pass over all of them: median {statistics.median(likely):.0f} ms, "
               f"p90 {likely[int(0.9 * (len(likely) - 1))]:.0f} ms, in {len(likely)}/{len(rows)} turns")
+    done = sorted(r["after_words_ms"] for r in rows if r["after_words_ms"] is not None)
+    if done:
+        print(f"  end of the words -> the final transcript (server_vad, {TurnDetection().silence_duration_ms} ms "
+              f"of silence): median {statistics.median(done):.0f} ms, p90 {done[int(0.9 * (len(done) - 1))]:.0f} ms")
     whole_wer = wer([r["ref"] for r in rows], [r["whole"] for r in rows])
     print(f"  whole-turn passes over the same audio: WER {whole_wer:.1%}; "
           f"final reused a live pass in {sum(r['reused'] for r in rows)}/{len(rows)}; deltas add up to the final in "
