@@ -30,9 +30,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
+import bench_webrtc  # noqa: E402 - its server child process and its question, so both benchmarks ask the same
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
-QUESTION = "What is the capital of France?"
 SAMPLE_RATE = 16_000
 AUDIBLE_RMS = 0.003  # bench_webrtc's aiortc client uses the same level (-50 dBFS)
 VOICE_LEVEL = 0.01  # a sample above this is speech: the last one marks the end of the words
@@ -152,7 +153,7 @@ def chromium():
 def question_pcm() -> np.ndarray:
     import speechkit
 
-    pcm, _ = speechkit.speech_with_gaps([0.3, QUESTION, 1.0])  # 16 kHz float32, as bench_webrtc speaks it
+    pcm, _ = speechkit.speech_with_gaps([0.3, bench_webrtc.QUESTION, 1.0])  # 16 kHz float32, as bench_webrtc speaks it
     return (np.clip(pcm, -1.0, 1.0) * 32767).astype("<i2")
 
 
@@ -171,8 +172,6 @@ def measure(url: str, turns: int, frames: int) -> dict:
 
 
 def main() -> None:
-    import bench_webrtc
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="checkpoint directory (default: a tiny random s1-mini)")
     parser.add_argument("--device", default="cpu")
